@@ -1,0 +1,161 @@
+"""Command line: thin wrappers over the pipeline. Refused input → one-line message, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import PneumoctInputError
+from .types import CLASS_NAMES
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may phone home
+
+
+def _safe_name(path: str, used: set[str]) -> str:
+    stem = Path(path.rstrip("/")).name
+    for suffix in (".nii.gz", ".zip", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "study"
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return name
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .pipeline import DiagnoseOptions, diagnose
+    from .io.writers import write_json
+
+    opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report)
+    out = Path(args.out)
+    if len(args.inputs) == 1:
+        result = diagnose(args.inputs[0], out, opts)
+        _print_summary(result, out)
+        return EXIT_OK
+    # batch: every study in its own folder; a failure is recorded and the batch goes on
+    used: set[str] = set()
+    records = []
+    for path in args.inputs:
+        name = _safe_name(path, used)
+        try:
+            result = diagnose(path, out / name, opts)
+            records.append({"input": path, "output": name, "status": "ok", "label": result["patient"]["label"]})
+            _print_summary(result, out / name)
+        except PneumoctInputError as exc:
+            records.append({"input": path, "output": name, "status": "refused", "code": exc.code, "error": str(exc)})
+            print(f"error: {path}: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a batch must go on and record what failed
+            records.append({"input": path, "output": name, "status": "failed", "error": _one_line(exc)})
+            print(f"error: {path}: internal error: {_one_line(exc)}", file=sys.stderr)
+    write_json(out / "batch.json", {"studies": records})
+    n_bad = sum(r["status"] != "ok" for r in records)
+    print(f"batch: {len(records) - n_bad} ok, {n_bad} failed; summary in {out / 'batch.json'}")
+    return EXIT_OK if n_bad == 0 else EXIT_INPUT
+
+
+def _print_summary(result: dict[str, Any], out: Path) -> None:
+    p = result["patient"]
+    q = result["quantification"]
+    print(f"{out}: {p['label']} (source: {p['model']['name']}); lung {q.get('lung_volume_ml')} mL, "
+          f"lesion volume ratio {100 * float(q.get('lesion_volume_ratio') or 0):.2f}%, "
+          f"{len(result['input']['warnings'])} input warning(s); report: {out / 'report.html'}")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import synthesize_cohort
+
+    labels = args.labels.split(",") if args.labels else None
+    if labels:
+        bad = [lab for lab in labels if lab not in CLASS_NAMES]
+        if bad:
+            raise PneumoctInputError("bad_argument", f"unknown class {bad[0]!r}; choose from {', '.join(CLASS_NAMES)}")
+    if args.cases < 1:
+        raise PneumoctInputError("bad_argument", "--cases must be at least 1")
+    rows = synthesize_cohort(args.out, args.cases, seed=args.seed, labels=labels, matrix=args.matrix,
+                             n_slices=args.slices, difficulty=args.difficulty,
+                             formats=tuple(args.formats.split(",")))
+    print(f"wrote {len(rows)} synthetic phantom case(s) to {args.out} (manifest.json, manifest.csv)")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .io import inspect_input
+
+    print(json.dumps(inspect_input(args.input), indent=2, default=str))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumoct", description="Explainable pneumonia screening from chest CT "
+                                     "(research use only; not a medical device).")
+    parser.add_argument("--version", action="version", version=f"pneumoct {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("diagnose", help="analyse chest CT studies: lungs, lesions, measurements, diagnosis, report")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="DICOM folder, .zip of one, multi-frame DICOM, NIfTI, NRRD or MHA/MHD; several = a batch")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per study in a batch)")
+    p.add_argument("--peripheral-thickness-mm", type=float, default=10.0,
+                   help="peripheral band for the DeepSC-COVID peripheral lesion ratio (default 10 mm)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("synth", help="write synthetic chest-CT phantoms with ground truth (NIfTI + DICOM)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels", default=None, help=f"comma list cycled over the cases (default: {','.join(CLASS_NAMES)})")
+    p.add_argument("--matrix", type=int, default=256, help="in-plane size (real CT: 512)")
+    p.add_argument("--slices", type=int, default=None, help="slice count (default: drawn per case)")
+    p.add_argument("--difficulty", type=float, default=0.0, help="0 = clear lesions ... 1 = small faint lesions")
+    p.add_argument("--formats", default="nifti,dicom", help="comma list of nifti,dicom")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="describe an input (series found, the one chosen, warnings) without analysing")
+    p.add_argument("input")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if not isinstance(exc, PneumoctInputError) else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except PneumoctInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"internal error: {_one_line(exc)} (rerun with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

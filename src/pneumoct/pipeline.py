@@ -1,0 +1,151 @@
+"""`diagnose`: study in → lungs, lesions, quantification, patient result, report out.
+
+Stages (each timed): read → lungs → lesions → quantify → classify → write. Outputs are written to temporary
+names and renamed; ``result.json`` is written last, so a folder without it is not a finished result.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import PneumoctInputError
+from .io import read_study
+from .io.writers import write_json, write_text, write_volume
+from .preprocess.lung_mask import LungMaskParams, segment_lungs
+from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
+from .report.html import build_report
+from .rules import classify_by_rule
+from .types import CLASS_NAMES, StudyVolume
+
+log = logging.getLogger("pneumoct.pipeline")
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class DiagnoseOptions:
+    peripheral_thickness_mm: float = 10.0
+    lung_params: LungMaskParams = field(default_factory=LungMaskParams)
+    write_report: bool = True
+    write_masks: bool = True
+
+
+@dataclass
+class DiagnoseOutput:
+    result: dict[str, Any]
+    study: StudyVolume
+    lung_labels: np.ndarray
+    lesion_mask: np.ndarray
+
+
+def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
+                  timing: dict[str, float] | None = None) -> DiagnoseOutput:
+    """Run lungs → lesions → quantification → classification on a study already read."""
+    opts = options or DiagnoseOptions()
+    timing = {} if timing is None else timing
+
+    t = time.perf_counter()
+    lungs = segment_lungs(study, opts.lung_params)
+    timing["lungs"] = time.perf_counter() - t
+    if not lungs.labels.any():
+        raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")
+
+    t = time.perf_counter()
+    finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+    timing["lesions"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
+                 peripheral_thickness_mm=opts.peripheral_thickness_mm)
+    lesion_area = per_slice_lesion_area_mm2(finding.mask, study.spacing)
+    lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
+    lesion_prob = lesion_probability_from_area(lesion_area, lung_area)
+    timing["quantify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    patient = classify_by_rule(q)
+    timing["classify"] = time.perf_counter() - t
+
+    slices = []
+    for info, area, prob in zip(study.slices, lesion_area, lesion_prob):
+        entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
+        if info.sop_instance_uid:
+            entry["sop_instance_uid"] = info.sop_instance_uid
+        if info.frame_number is not None:
+            entry["frame_number"] = info.frame_number
+        entry["lesion_probability"] = round(float(prob), 4)
+        entry["lesion_area_mm2"] = round(float(area), 2)
+        slices.append(entry)
+
+    lesions = q.pop("lesions", [])
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "pneumoct_version": __version__,
+        "data_note": "No learned model was used: lungs by a classical algorithm, lesions by the HU threshold "
+        "baseline, diagnosis by an explicit rule on the measurements.",
+        "input": {
+            "format": study.source_format,
+            "warnings": [w.to_dict() for w in study.warnings],
+            "metadata": study.metadata,
+        },
+        "volume": study.geometry_dict(),
+        "models": {
+            "lungs": "classical 3D lung segmentation (pneumoct.preprocess.lung_mask, no training)",
+            "lesions": finding.method,
+            "slice_lesion_probability": f"{finding.method}: lesion area per slice mapped to [0, 1] "
+            "(not a learned probability)",
+            "patient": patient["model"]["name"],
+        },
+        "lung_segmentation": lungs.info,
+        "slices": slices,
+        "patient": patient,
+        "quantification": q,
+        "lesions": lesions,
+        "class_names": list(CLASS_NAMES),
+        "timing_s": timing,
+    }
+    return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask)
+
+
+def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptions | None = None) -> dict[str, Any]:
+    """Read ``input_path``, analyse it and write result.json, report.html, lung_mask.nii.gz, lesion_mask.nii.gz."""
+    opts = options or DiagnoseOptions()
+    out_dir = Path(out_dir)
+    timing: dict[str, float] = {}
+    t_total = time.perf_counter()
+    t = time.perf_counter()
+    study = read_study(input_path)
+    timing["read"] = time.perf_counter() - t
+    log.info("read %s study: %d slices", study.source_format, study.shape[0])
+
+    out = analyse_study(study, opts, timing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = out_dir / "result.json"
+    if stale.exists():  # a previous run's result must not sit beside this run's half-written files
+        stale.unlink()
+
+    t = time.perf_counter()
+    written = []
+    if opts.write_masks:
+        write_volume(out_dir / "lung_mask.nii.gz", out.lung_labels, study)
+        write_volume(out_dir / "lesion_mask.nii.gz", out.lesion_mask, study)
+        written += ["lung_mask.nii.gz", "lesion_mask.nii.gz"]
+    timing["write_masks"] = time.perf_counter() - t
+    if opts.write_report:
+        t = time.perf_counter()
+        timing["total"] = time.perf_counter() - t_total  # provisional, for the report
+        html = build_report(out.result, study, out.lung_labels, out.lesion_mask)
+        write_text(out_dir / "report.html", html)
+        written.append("report.html")
+        timing["report"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t_total
+    out.result["outputs"] = written + ["result.json"]
+    out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+    write_json(out_dir / "result.json", out.result)
+    return out.result

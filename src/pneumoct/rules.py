@@ -1,0 +1,93 @@
+"""The explicit patient-level rule used until a trained classifier is shipped.
+
+It is a rule, not a model: it reads the quantification (lesion volume ratio, count, sides, peripheral lesion
+ratio, ground-glass/consolidation mix) and encodes the papers' descriptive findings:
+
+* DeepSC-COVID Sec. III-B, Findings 1–4: COVID-19 has more lesions, larger lesion volume, mainly ground-glass,
+  scattered and peripheral; CAP has ~1–2 lesions, denser (consolidation), more central.
+* M3Lung-Sys Sec. I / Fig. 1: H1N1 shows peribronchovascular consolidation with small nodules.
+
+Its ``probabilities`` are normalised rule scores, **not calibrated probabilities**; every output names the rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .types import CLASS_NAMES
+
+RULE_NAME = "rule:quantification-v1"
+
+#: lesion volume ratio (percent of lung) at which the rule's abnormal score is 0.5
+ABNORMAL_LVR_PERCENT = 1.0
+#: logistic slope (percent of lung) of the abnormal score around that point
+ABNORMAL_LVR_SCALE = 0.25
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
+    """Patient label from a quantification dict (``pneumoct.quantify.quantify`` output)."""
+    lvr_pct = 100.0 * float(q.get("lesion_volume_ratio") or 0.0)
+    abnormal = _sigmoid((lvr_pct - ABNORMAL_LVR_PERCENT) / ABNORMAL_LVR_SCALE)
+    count = int(q.get("lesion_count") or 0)
+    plr = q.get("peripheral_lesion_ratio")
+    plr = 0.0 if plr is None else float(plr)
+    ggo = float(q.get("ggo_fraction") or 0.0)
+    cons = float(q.get("consolidation_fraction") or 0.0)
+    bilateral = bool(q.get("bilateral"))
+    lesions = q.get("lesions") or []
+    small = sum(1 for les in lesions if float(les.get("volume_ml", 0.0)) < 1.0)
+
+    reasons: dict[str, list[str]] = {"covid19": [], "cap": [], "other_viral": []}
+    scores = {"covid19": 0.0, "cap": 0.0, "other_viral": 0.0}
+
+    def add(label: str, points: float, why: str) -> None:
+        scores[label] += points
+        reasons[label].append(why)
+
+    if bilateral:
+        add("covid19", 1.0, "bilateral")
+        add("other_viral", 0.5, "bilateral")
+    else:
+        add("cap", 1.0, "unilateral")
+    if plr >= 0.5:
+        add("covid19", 1.0, f"peripheral lesion ratio {plr:.2f} >= 0.5")
+    else:
+        add("cap", 1.0, f"peripheral lesion ratio {plr:.2f} < 0.5")
+        add("other_viral", 0.5, "central (peribronchovascular) distribution")
+    if count >= 3:
+        add("covid19", 1.0, f"{count} lesions (>= 3)")
+    elif count >= 1:
+        add("cap", 1.0, f"{count} lesion(s) (<= 2)")
+    if ggo >= 0.6:
+        add("covid19", 1.0, f"ground-glass fraction {ggo:.2f} >= 0.6")
+    if cons >= 0.5:
+        add("cap", 1.0, f"consolidation fraction {cons:.2f} >= 0.5")
+    if 0.3 <= cons <= 0.8:
+        add("other_viral", 0.5, "mixed consolidation")
+    if small >= 5 and small >= 0.5 * max(count, 1):
+        add("other_viral", 1.5, f"{small} small (< 1 mL) nodular lesions")
+
+    exp = {k: math.exp(v) for k, v in scores.items()}
+    total = sum(exp.values())
+    probabilities = {"healthy": 1.0 - abnormal}
+    for k in ("covid19", "other_viral", "cap"):
+        probabilities[k] = abnormal * exp[k] / total
+    label = max(CLASS_NAMES, key=lambda k: probabilities[k])
+    return {
+        "label": label,
+        "probabilities": {k: round(probabilities[k], 4) for k in CLASS_NAMES},
+        "abnormal_probability": round(abnormal, 4),
+        "model": {
+            "name": RULE_NAME,
+            "kind": "rule",
+            "trained_on": None,
+            "calibrated": False,
+            "description": "explicit rule on the quantification (see docs/diagnosis_rule.md); scores are "
+            "normalised rule points, not calibrated probabilities",
+        },
+        "rule_evidence": {k: v for k, v in reasons.items() if v},
+    }
