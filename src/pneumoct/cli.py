@@ -68,7 +68,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def _print_summary(result: dict[str, Any], out: Path) -> None:
     p = result["patient"]
     q = result["quantification"]
-    print(f"{out}: {p['label']} (source: {p['model']['name']}); lung {q.get('lung_volume_ml')} mL, "
+    print(f"{out}: {p['label']} (source: {p['model']['name']}); lung {(q.get('lung_volume_ml') or {}).get('total')} mL, "
           f"lesion volume ratio {100 * float(q.get('lesion_volume_ratio') or 0):.2f}%, "
           f"{len(result['input']['warnings'])} input warning(s); report: {out / 'report.html'}")
 

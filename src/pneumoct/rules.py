@@ -37,7 +37,7 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
     plr = 0.0 if plr is None else float(plr)
     ggo = float(q.get("ggo_fraction") or 0.0)
     cons = float(q.get("consolidation_fraction") or 0.0)
-    bilateral = bool(q.get("bilateral"))
+    bilateral = bool(q.get("bilateral_involvement"))
     lesions = q.get("lesions") or []
     small = sum(1 for les in lesions if float(les.get("volume_ml", 0.0)) < 1.0)
 

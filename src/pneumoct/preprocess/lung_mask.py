@@ -304,6 +304,7 @@ def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, .
 
 
 def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float, float],
+                        intensity: np.ndarray | None = None, basal: bool = False,
                         n_samples: int = 24, max_pocket_fraction: float = 0.35,
                         medial_band: float = 0.25) -> np.ndarray:
     """Pixels of the lung's convex hull that lie *outside* the lung as seen from the body centre.
@@ -330,8 +331,18 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     ry = np.clip(np.rint(centre[0] + t * (py - centre[0])), 0, m.shape[0] - 1).astype(np.intp)
     rx = np.clip(np.rint(centre[1] + t * (px - centre[1])), 0, m.shape[1] - 1).astype(np.intp)
     crosses = m[ry, rx].any(axis=0)
+    # ... and beyond them, outward, there is chest wall, not lung again: a dome of liver or spleen ringed by
+    # lung in this slice has lung on its far side too
+    t_out = np.linspace(1.03, 2.0, n_samples, dtype=np.float32)[:, None]
+    oy = np.rint(centre[0] + t_out * (py - centre[0]))
+    ox = np.rint(centre[1] + t_out * (px - centre[1]))
+    inside = (oy >= 0) & (oy < m.shape[0]) & (ox >= 0) & (ox < m.shape[1])
+    oyi = np.clip(oy, 0, m.shape[0] - 1).astype(np.intp)
+    oxi = np.clip(ox, 0, m.shape[1] - 1).astype(np.intp)
+    lung_beyond = (m[oyi, oxi] & inside).any(axis=0)
+    keep_px = crosses & ~lung_beyond
     out = np.zeros_like(cand)
-    out[py[crosses], px[crosses]] = True
+    out[py[keep_px], px[keep_px]] = True
     # keep only pockets that touch the lung (a stray hull corner across the mediastinum is not a pocket)
     # Pockets larger than a fraction of the aerated lung in the slice are not trusted: at the lung bases the
     # hull reaches over the liver, spleen and bowel, which also lie beyond a thin lung sliver.
@@ -341,19 +352,39 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
         touching[np.unique(lab[ndi.binary_dilation(m) & out])] = True
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         touching &= sizes <= max_pocket_fraction * m.sum()
+        if basal and intensity is not None:
+            # Below the lung's widest slice the lung wraps round the diaphragm domes, and the liver or spleen
+            # dome looks exactly like a pocket lying *anterior* to the lung crescent. Such a pocket is accepted
+            # only with evidence of lung disease inside it (ground-glass or air bronchograms below -300 HU, away
+            # from the partial-volume rim next to the aerated lung); homogeneous solid organ is not.
+            lung_row = float(np.nonzero(m)[0].mean())
+            rows = np.nonzero(out)[0]
+            row_sum = np.bincount(lab[out], weights=rows.astype(np.float64), minlength=n + 1)
+            anterior = row_sum / np.maximum(sizes, 1) < lung_row
+            interior = out & (ndi.distance_transform_edt(~m) > 2.5)
+            low = np.bincount(lab[interior], weights=(intensity[interior] < -300.0).astype(np.float64),
+                              minlength=n + 1)
+            n_int = np.bincount(lab[interior], minlength=n + 1)
+            evidence = low >= 0.2 * np.maximum(n_int, 1)
+            touching &= ~anterior | evidence
         touching[0] = False
         out = touching[lab]
     return out
 
 
 def _close_per_slice(mask: np.ndarray, radius_px: float, allowed: np.ndarray,
-                     centres: np.ndarray | None = None) -> np.ndarray:
+                     centres: np.ndarray | None = None, intensity: np.ndarray | None = None,
+                     basal_fraction: float = 0.5, hole_blocked: np.ndarray | None = None) -> np.ndarray:
     """Per-slice hole filling + disc closing (EDT based) + peripheral pockets, additions limited to ``allowed``.
 
     centres: (Z, 2) body centre (row, col) per slice for the pocket test; no pocket filling when None.
+    hole_blocked: (Z, Y, X) tissue that is a 2D hole of the lung but extra-pulmonary in 3D (a diaphragm dome
+    ringed by lung in one slice); such holes are not filled.
     """
     out = mask.copy()
     pad = int(np.ceil(radius_px)) + 2
+    areas = mask.sum(axis=(1, 2))
+    max_area = max(int(areas.max()), 1) if areas.size else 1
     for z in range(mask.shape[0]):
         m = mask[z]
         if not m.any():
@@ -365,11 +396,18 @@ def _close_per_slice(mask: np.ndarray, radius_px: float, allowed: np.ndarray,
         sub = np.pad(m[r0:r1, c0:c1], pad)  # pad so the closing does not stick to the crop border
         dilated = ndi.distance_transform_edt(~sub) <= radius_px
         closed = ndi.distance_transform_edt(dilated) > radius_px
-        closed = fill_holes_2d(closed | sub)[pad:-pad, pad:-pad]
-        out[z, r0:r1, c0:c1] = m[r0:r1, c0:c1] | (closed & allowed[z, r0:r1, c0:c1])
+        closed = closed[pad:-pad, pad:-pad] & allowed[z, r0:r1, c0:c1]
+        out[z, r0:r1, c0:c1] = m[r0:r1, c0:c1] | closed
         if centres is not None and np.isfinite(centres[z]).all():
-            out[z] |= _peripheral_pockets(out[z], allowed[z], (float(centres[z][0]), float(centres[z][1])))
-        out[z, r0:r1, c0:c1] = fill_holes_2d(out[z, r0:r1, c0:c1])
+            # "basal": small lung cross-sections below the slice of largest area (the diaphragm domes)
+            basal = bool(areas[z] < basal_fraction * max_area and z > int(np.argmax(areas)))
+            out[z] |= _peripheral_pockets(out[z], allowed[z], (float(centres[z][0]), float(centres[z][1])),
+                                          None if intensity is None else intensity[z], basal)
+        cur = out[z, r0:r1, c0:c1]
+        holes = fill_holes_2d(cur) & ~cur
+        if hole_blocked is not None:
+            holes &= ~hole_blocked[z, r0:r1, c0:c1]
+        out[z, r0:r1, c0:c1] = cur | holes
     return out
 
 
@@ -423,8 +461,10 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     radius_px = p.closing_radius_mm / pixel_mm
     allowed = body & (work < p.bone_threshold_hu)
     centres = _body_centres(body)
-    right = _close_per_slice(labels_work == LUNG_RIGHT, radius_px, allowed, centres)
-    left = _close_per_slice(labels_work == LUNG_LEFT, radius_px, allowed & ~right, centres)
+    blocked = extrapulmonary_tissue(body, labels_work > 0, pixel_mm)
+    right = _close_per_slice(labels_work == LUNG_RIGHT, radius_px, allowed, centres, work, hole_blocked=blocked)
+    left = _close_per_slice(labels_work == LUNG_LEFT, radius_px, allowed & ~right, centres, work,
+                            hole_blocked=blocked)
     right &= ~(labels_work == LUNG_LEFT)
     labels_work = np.zeros_like(labels_work)
     labels_work[right] = LUNG_RIGHT
@@ -441,6 +481,21 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
         airway=_upsample_labels(airway, factor, hu.shape).astype(bool),
         info=info,
     )
+
+
+def extrapulmonary_tissue(body: np.ndarray, lung: np.ndarray, pixel_mm: float,
+                          opening_radius_mm: float = 3.0) -> np.ndarray:
+    """The body's big connected non-lung tissue (chest wall, mediastinum, liver, spleen), in 3D.
+
+    Vessels and bronchi inside the lung also reach the hilum, so the tissue is first opened in-plane with a
+    disc of ``opening_radius_mm``: thin bronchovascular links break and a lesion inside the lung comes apart
+    from the mediastinum, while an organ dome stays joined to its organ in the slices below.
+    """
+    r = max(1, int(round(opening_radius_mm / pixel_mm)))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy * yy + xx * xx <= r * r)[None]
+    tissue = ndi.binary_opening(body & ~lung, structure=disc)
+    return _largest_component(tissue, _STRUCT_6)
 
 
 def _body_centres(body: np.ndarray) -> np.ndarray:

@@ -52,27 +52,30 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
     patient = dict(result["patient"])
     patient["label_display"] = _DISPLAY.get(patient["label"], patient["label"])
     sev = q.get("severity") or {}
-    severity = {"grade": sev.get("mosmed_grade", "—"), "percent": _fmt(sev.get("percent_involved")),
-                "ctss": _fmt(sev.get("zone_severity_score"))}
+    severity = {"grade": f"{sev.get('mosmed_grade', '—')} ({sev.get('mosmed_description', '')})",
+                "percent": _fmt(sev.get("percent_lung_involved")),
+                "ctss": f"{_fmt(sev.get('ctss_zones_total'))} / {sev.get('ctss_zones_max', 30)}"}
+    lung_ml = q.get("lung_volume_ml") or {}
+    spread = q.get("lesion_centre_spread_mm") or {}
     measure_keys = [
-        ("Lung volume (mL)", q.get("lung_volume_ml")), ("Right lung (mL)", q.get("right_lung_volume_ml")),
-        ("Left lung (mL)", q.get("left_lung_volume_ml")), ("Lesion volume (mL)", q.get("lesion_volume_ml")),
+        ("Lung volume (mL)", lung_ml.get("total")), ("Right lung (mL)", lung_ml.get("right")),
+        ("Left lung (mL)", lung_ml.get("left")), ("Lesion volume (mL)", q.get("lesion_volume_ml")),
         ("Lesion volume ratio", q.get("lesion_volume_ratio")), ("Lesion count (3D components)", q.get("lesion_count")),
         ("Ground-glass fraction", q.get("ggo_fraction")), ("Consolidation fraction", q.get("consolidation_fraction")),
         (f"Peripheral lesion ratio (σ = {q.get('peripheral_thickness_mm', '—')} mm)", q.get("peripheral_lesion_ratio")),
-        ("Spread of lesion centres (SD, mm)", q.get("lesion_center_spread_mm")),
-        ("Bilateral involvement", q.get("bilateral")),
+        ("Spread of lesion centres (SD, mm)", spread.get("overall") if isinstance(spread, dict) else spread),
+        ("Bilateral involvement", q.get("bilateral_involvement")),
     ]
     measurements = [(name, _fmt(v)) for name, v in measure_keys]
     zones = []
-    for z in q.get("zones") or []:
-        zones.append({"name": z.get("name"), "lung_ml": _fmt(z.get("lung_volume_ml")),
-                      "lesion_ml": _fmt(z.get("lesion_volume_ml")), "percent": _fmt(z.get("percent_involved")),
-                      "score": _fmt(z.get("score"))})
+    for name, z in (q.get("zones_not_lobes") or {}).items():
+        zones.append({"name": name, "lung_ml": _fmt(z.get("lung_ml")), "lesion_ml": _fmt(z.get("lesion_ml")),
+                      "percent": _fmt(z.get("percent_involved")), "score": _fmt(z.get("ctss"))})
     all_lesions = sorted(result.get("lesions") or [], key=lambda l: -float(l.get("volume_ml", 0)))
     lesions = []
     for les in all_lesions[:30]:
-        size = les.get("bbox_size_mm") or []
+        size_d = les.get("bbox_size_mm") or {}
+        size = [size_d.get(k) for k in ("height_z", "length_y", "width_x")] if size_d else []
         lesions.append({"id": les.get("id"), "side": les.get("side"), "zone": les.get("zone", "—"),
                         "volume_ml": _fmt(les.get("volume_ml")),
                         "size": " × ".join(f"{float(v):.0f}" for v in size) if size else "—",
