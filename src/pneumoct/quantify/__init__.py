@@ -1,0 +1,41 @@
+"""Lesion quantification and the threshold lesion baseline.
+
+* :func:`find_lesions_threshold` — HU-threshold ground-glass / consolidation finder with vessel and airway-wall
+  suppression (``method = "threshold-baseline"``), returning a :class:`LesionFinding`.
+* :func:`quantify` — volumes, lesion volume ratio, count, per-lesion size/position/side/HU, peripheral lesion ratio
+  (DeepSC-COVID Eq. (1)), spread of lesion centres, bilateral involvement, zone involvement (thirds of each lung's
+  craniocaudal extent, not lobes), MosMedData CT-0…CT-4 grade and a zone-based CT severity score.
+
+Definitions and conventions: ``docs/quantification.md``.
+"""
+from pneumoct.quantify.measures import (
+    MOSMED_GRADES,
+    ZONE_NAMES,
+    ctss_band,
+    label_lesions,
+    lesion_probability_from_area,
+    mosmed_grade,
+    per_slice_lesion_area_mm2,
+    peripheral_band_slice,
+    quantify,
+    zone_slices,
+)
+from pneumoct.quantify.threshold_baseline import METHOD as THRESHOLD_METHOD
+from pneumoct.quantify.threshold_baseline import LesionFinding, find_lesions_threshold, inplane_disk
+
+__all__ = [
+    "LesionFinding",
+    "find_lesions_threshold",
+    "inplane_disk",
+    "THRESHOLD_METHOD",
+    "quantify",
+    "label_lesions",
+    "per_slice_lesion_area_mm2",
+    "lesion_probability_from_area",
+    "mosmed_grade",
+    "ctss_band",
+    "zone_slices",
+    "peripheral_band_slice",
+    "ZONE_NAMES",
+    "MOSMED_GRADES",
+]
