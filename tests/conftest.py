@@ -18,3 +18,7 @@ REAL_STUDIES = {"covid19": CTMD / "covid-P001", "cap": CTMD / "cap-cap001", "hea
 def require_real_data() -> None:
     if not CTMD.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (clone the project beside ../shared)")
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ helpers (toy.py, dicom_factory.py)

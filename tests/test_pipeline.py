@@ -1,0 +1,165 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from pneumoct import cli
+from pneumoct.io.writers import write_volume
+from pneumoct.pipeline import diagnose
+from pneumoct.rules import classify_by_rule
+from pneumoct.types import CLASS_NAMES
+
+from conftest import REAL_STUDIES, require_real_data
+from toy import toy_chest
+
+
+@pytest.fixture(scope="module")
+def toy_nifti(tmp_path_factory):
+    study, cons, _ = toy_chest()
+    path = tmp_path_factory.mktemp("toy") / "toy.nii.gz"
+    write_volume(path, study.hu, study)
+    return path, study, cons
+
+
+@pytest.fixture(scope="module")
+def toy_result(toy_nifti, tmp_path_factory):
+    path, study, cons = toy_nifti
+    out = tmp_path_factory.mktemp("out")
+    result = diagnose(path, out)
+    return out, result, study, cons
+
+
+def test_diagnose_writes_all_outputs(toy_result):
+    out, result, study, _ = toy_result
+    for name in ("result.json", "report.html", "lung_mask.nii.gz", "lesion_mask.nii.gz"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk["schema_version"] == "1.0"
+    assert len(on_disk["slices"]) == study.shape[0]
+    assert [s["index"] for s in on_disk["slices"]] == list(range(study.shape[0]))
+    # positions follow the geometry: superior first, so z decreases
+    pos = [s["position_mm"] for s in on_disk["slices"]]
+    assert all(a > b for a, b in zip(pos, pos[1:]))
+    assert on_disk["patient"]["label"] in CLASS_NAMES
+    assert abs(sum(on_disk["patient"]["probabilities"].values()) - 1.0) < 1e-3
+    assert on_disk["patient"]["model"]["kind"] == "rule"
+    assert on_disk["models"]["lesions"] == "threshold-baseline"
+    assert set(on_disk["timing_s"]) >= {"read", "lungs", "lesions", "quantify", "total"}
+    assert all(0.0 <= s["lesion_probability"] <= 1.0 for s in on_disk["slices"])
+
+
+def test_masks_keep_the_study_geometry_and_content(toy_result):
+    out, result, study, cons = toy_result
+    img = sitk.DICOMOrient(sitk.ReadImage(str(out / "lung_mask.nii.gz")), "LPI")
+    lung = sitk.GetArrayFromImage(img)
+    assert lung.shape == study.shape
+    np.testing.assert_allclose(img.GetSpacing()[::-1], study.spacing, rtol=1e-5)
+    assert set(np.unique(lung)) == {0, 1, 2}
+    lesion = sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(out / "lesion_mask.nii.gz")), "LPI"))
+    # the toy's consolidation is found, as consolidation, and lies inside the lung mask
+    assert (lesion[cons] == 2).mean() > 0.7
+    assert (lung[lesion > 0] > 0).all()
+    # per-slice lesion area matches the mask
+    areas = np.array([s["lesion_area_mm2"] for s in result["slices"]])
+    expected = (lesion > 0).sum(axis=(1, 2)) * study.spacing[1] * study.spacing[2]
+    np.testing.assert_allclose(areas, expected, atol=0.05)
+
+
+def test_report_shows_method_overlays_and_curve(toy_result):
+    out, result, _, _ = toy_result
+    html = (out / "report.html").read_text()
+    assert "Research use only" in html and "threshold-baseline" in html and "rule:quantification-v1" in html
+    assert html.count("data:image/png;base64,") >= 4
+    assert "<svg" in html and "<polyline" in html
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+def test_failed_run_leaves_no_result_json(toy_nifti, tmp_path, monkeypatch):
+    path, _, _ = toy_nifti
+    (tmp_path / "result.json").write_text("{}")  # a stale result from an earlier run
+    import pneumoct.pipeline as pl
+
+    def boom(*a, **k):
+        raise RuntimeError("report failed")
+    monkeypatch.setattr(pl, "build_report", boom)
+    with pytest.raises(RuntimeError):
+        diagnose(path, tmp_path)
+    assert not (tmp_path / "result.json").exists()
+    assert not list(tmp_path.glob(".*part*"))
+
+
+def test_cli_refuses_bad_input_with_exit_2(tmp_path, capsys):
+    assert cli.main(["diagnose", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(png)
+    assert cli.main(["diagnose", str(png), "--out", str(tmp_path / "o2")]) == 2
+    assert "2D" in capsys.readouterr().err
+
+
+def test_cli_batch_goes_on_after_a_failure(toy_nifti, tmp_path):
+    path, _, _ = toy_nifti
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    code = cli.main(["diagnose", str(bad), str(path), "--out", str(tmp_path / "batch"), "--no-report"])
+    assert code == 2
+    records = json.loads((tmp_path / "batch" / "batch.json").read_text())["studies"]
+    assert [r["status"] for r in records][1] == "ok" and records[0]["status"] != "ok"
+    assert (tmp_path / "batch" / records[1]["output"] / "result.json").is_file()
+    assert not (tmp_path / "batch" / records[0]["output"] / "result.json").exists()
+
+
+def test_cli_entry_point_runs_as_module(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pneumoct", "diagnose", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _q(**kw):
+    base = {"lesion_volume_ratio": 0.0, "lesion_count": 0, "peripheral_lesion_ratio": None, "ggo_fraction": None,
+            "consolidation_fraction": None, "bilateral_involvement": False, "lesions": []}
+    base.update(kw)
+    return base
+
+
+def test_rule_labels_follow_the_papers_findings():
+    assert classify_by_rule(_q())["label"] == "healthy"
+    assert classify_by_rule(_q(lesion_volume_ratio=0.004, lesion_count=2))["label"] == "healthy"
+    covid = _q(lesion_volume_ratio=0.12, lesion_count=6, peripheral_lesion_ratio=0.7, ggo_fraction=0.85,
+               consolidation_fraction=0.15, bilateral_involvement=True,
+               lesions=[{"volume_ml": 20.0}] * 6)
+    assert classify_by_rule(covid)["label"] == "covid19"
+    cap = _q(lesion_volume_ratio=0.05, lesion_count=1, peripheral_lesion_ratio=0.2, ggo_fraction=0.2,
+             consolidation_fraction=0.8, lesions=[{"volume_ml": 120.0}])
+    assert classify_by_rule(cap)["label"] == "cap"
+    h1n1 = _q(lesion_volume_ratio=0.03, lesion_count=12, peripheral_lesion_ratio=0.3, ggo_fraction=0.5,
+              consolidation_fraction=0.5, bilateral_involvement=True,
+              lesions=[{"volume_ml": 0.4}] * 9 + [{"volume_ml": 15.0}] * 3)
+    assert classify_by_rule(h1n1)["label"] == "other_viral"
+    r = classify_by_rule(covid)
+    assert r["abnormal_probability"] > 0.99 and r["model"]["calibrated"] is False
+
+
+@pytest.mark.realdata
+def test_real_studies_end_to_end(tmp_path):
+    require_real_data()
+    from pneumoct.io import read_study
+    from pneumoct.pipeline import analyse_study
+
+    lesion_ml, lung_ml = {}, {}
+    for label, folder in REAL_STUDIES.items():
+        out = analyse_study(read_study(folder))
+        q = out.result["quantification"]
+        lung_ml[label] = q["lung_volume_ml"]["total"]
+        lesion_ml[label] = q["lesion_volume_ml"]
+        assert 2000 <= lung_ml[label] <= 8000, (label, lung_ml[label])
+        assert q["lung_volume_ml"]["right"] > 500 and q["lung_volume_ml"]["left"] > 500
+        assert all("sop_instance_uid" in s for s in out.result["slices"])
+    assert lesion_ml["covid19"] > lesion_ml["healthy"]
+    assert lesion_ml["cap"] > lesion_ml["healthy"]
