@@ -220,6 +220,18 @@ def split_left_right(lung: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarr
     """Label lung voxels 1 (right, low column index) or 2 (left) from a boolean lung mask on the working grid."""
     info: dict[str, Any] = {}
     labels = np.zeros(lung.shape, np.uint8)
+    box = _bbox(lung)
+    if box is None:
+        return labels, info
+    sub_labels, info = _split_left_right_box(lung[box], max_erosions, box[2].start, lung.shape[2])
+    labels[box] = sub_labels
+    return labels, info
+
+
+def _split_left_right_box(lung: np.ndarray, max_erosions: int, col_offset: int,
+                          full_width: int) -> tuple[np.ndarray, dict[str, Any]]:
+    info: dict[str, Any] = {}
+    labels = np.zeros(lung.shape, np.uint8)
     lab, n = ndi.label(lung, structure=_STRUCT_6)
     if n == 0:
         return labels, info
@@ -257,8 +269,7 @@ def split_left_right(lung: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarr
             parts = [main, np.zeros_like(main)]
     centroids = [ndi.center_of_mass(p)[2] if p.any() else np.inf for p in parts]
     if info.get("split") == "single lung component":
-        width = lung.shape[2]
-        right_is_first = centroids[0] < width / 2
+        right_is_first = centroids[0] + col_offset < full_width / 2
         labels[parts[0]] = LUNG_RIGHT if right_is_first else LUNG_LEFT
         return labels, info
     first_right = centroids[0] <= centroids[1]
@@ -303,6 +314,27 @@ def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, .
     return out
 
 
+def _convex_hull(m: np.ndarray) -> np.ndarray:
+    """Filled convex hull of a 2D mask (pixel centres), rasterised by scanline; much faster than a
+    point-in-polygon test on every pixel."""
+    from scipy.spatial import ConvexHull, QhullError
+    from skimage.draw import polygon
+
+    edge = m & ~ndi.binary_erosion(m)
+    pts = np.argwhere(edge).astype(np.float64)
+    if len(pts) < 3:
+        return m.copy()
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:  # all points on a line
+        return m.copy()
+    verts = pts[hull.vertices]
+    rr, cc = polygon(verts[:, 0], verts[:, 1], shape=m.shape)
+    out = m.copy()
+    out[rr, cc] = True
+    return out
+
+
 def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float, float],
                         intensity: np.ndarray | None = None, basal: bool = False,
                         n_samples: int = 24, max_pocket_fraction: float = 0.35,
@@ -314,9 +346,7 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     The mediastinum (heart, great vessels) is also in the hull, but the line from the centre reaches it without
     crossing lung, so it is not added.
     """
-    from skimage.morphology import convex_hull_image
-
-    hull = convex_hull_image(m)
+    hull = _convex_hull(m)
     cand = hull & ~m & allowed
     # the medial band (mediastinum, anterior junction, spine) is never a pleural pocket
     cols = np.nonzero(allowed.any(axis=0))[0]
