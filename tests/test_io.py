@@ -1,7 +1,6 @@
 """Tests for pneumoct.io: synthetic DICOM/volume/2D inputs (tests/dicom_factory.py) and the real covid-ct-md data."""
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import zipfile
