@@ -161,5 +161,10 @@ def test_real_studies_end_to_end(tmp_path):
         assert 2000 <= lung_ml[label] <= 8000, (label, lung_ml[label])
         assert q["lung_volume_ml"]["right"] > 500 and q["lung_volume_ml"]["left"] > 500
         assert all("sop_instance_uid" in s for s in out.result["slices"])
+        text = json.dumps(out.result)
+        import pydicom
+        first = next(p for p in sorted(folder.iterdir()) if p.suffix == ".dcm")
+        patient_id = str(pydicom.dcmread(first, stop_before_pixels=True).PatientID)
+        assert patient_id and patient_id not in text  # no patient identifier in the result
     assert lesion_ml["covid19"] > lesion_ml["healthy"]
     assert lesion_ml["cap"] > lesion_ml["healthy"]

@@ -30,6 +30,11 @@ from ..types import InputWarning, StudyVolume
 
 logger = logging.getLogger("pneumoct.io")
 
+# ITK/GDCM print their own unattributed messages to stderr; our warnings and errors say what matters, once
+import SimpleITK as _sitk  # noqa: E402
+
+_sitk.ProcessObject_SetGlobalWarningDisplay(False)
+
 #: Fewest axial slices a study must have (``read_study(min_slices=...)`` changes it per call).
 DEFAULT_MIN_SLICES = 10
 
