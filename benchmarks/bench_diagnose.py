@@ -60,7 +60,7 @@ def main() -> None:
                 print(case, json.dumps(r))
         else:
             results["real"] = {"skipped": f"{CTMD} not found"}
-        from pneumoct.synth import PhantomConfig, generate_phantom
+        from pneumoct.synth.phantom import PhantomConfig, generate_phantom
         from pneumoct.io.writers import write_volume
         for n in ((100,) if quick else (100, 300, 500)):
             ph = generate_phantom(PhantomConfig(label="covid19", seed=5, matrix=512, n_slices=n))

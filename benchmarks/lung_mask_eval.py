@@ -48,7 +48,7 @@ def eval_png(limit: int | None = None) -> dict:
 
 
 def eval_phantoms(n_per_class: int = 2, matrix: int = 256, n_slices: int = 90) -> dict:
-    from pneumoct.synth import PhantomConfig, generate_phantom
+    from pneumoct.synth.phantom import PhantomConfig, generate_phantom
     from pneumoct.types import CLASS_NAMES
 
     rows = []

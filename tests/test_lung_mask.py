@@ -4,7 +4,9 @@ import pytest
 from pneumoct.preprocess.lung_mask import fill_holes_2d, segment_lungs, segment_lungs_2d, split_left_right
 from pneumoct.types import LUNG_LEFT, LUNG_RIGHT
 
-from toy import toy_chest as _toy_chest
+from toy import toy_chest
+
+_toy_chest = toy_chest
 
 
 def test_toy_chest_lungs_sides_trachea_and_consolidation():
@@ -66,3 +68,27 @@ def test_2d_variant_on_8bit_image():
     inside = fh(sl > -300) & (sl < -600)
     dice = 2 * ((lab > 0) & inside).sum() / ((lab > 0).sum() + inside.sum())
     assert dice > 0.9
+
+
+def test_enclosed_lesion_is_filled_but_organ_dome_is_not():
+    """An intrapulmonary consolidation ringed by lung is kept; a liver dome ringed by lung in one slice is not."""
+    study, _, _ = toy_chest(consolidation=False)
+    nz, n, _ = study.shape
+    z, y, x = np.mgrid[0:nz, 0:n, 0:n].astype(np.float32)
+    sz, px = study.spacing[0], study.spacing[1]
+    cy, lx_right, lx_left = n * 0.48, n / 2 - n * 0.20, n / 2 + n * 0.20
+    hu = study.hu.astype(np.float32)
+    # central lesion in the right lung (image left), well away from the pleura
+    lesion = ((y - cy) ** 2 + (x - lx_right) ** 2 + ((z - nz * 0.5) * sz / px) ** 2) <= (n * 0.05) ** 2
+    hu[lesion] = 30
+    # liver dome rising into the base of the left lung from below the lungs
+    dome_centre_z = nz * 0.92 + 3
+    dome = ((y - cy) ** 2 + (x - lx_left) ** 2 + ((z - dome_centre_z) * sz / px) ** 2) <= (n * 0.12) ** 2
+    body_rows = ((y - cy) / (n * 0.30)) ** 2 + ((x - n / 2) / (n * 0.42)) ** 2 <= 1
+    hu[dome & body_rows] = 55
+    study.hu[:] = hu.astype(np.int16)
+    lab = segment_lungs(study).labels
+    assert (lab[lesion] == LUNG_RIGHT).mean() > 0.9
+    dome_in_lung_region = dome & (z < nz * 0.92)
+    assert dome_in_lung_region.sum() > 50
+    assert (lab[dome_in_lung_region] > 0).mean() < 0.2

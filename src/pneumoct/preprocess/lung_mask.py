@@ -491,7 +491,7 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     radius_px = p.closing_radius_mm / pixel_mm
     allowed = body & (work < p.bone_threshold_hu)
     centres = _body_centres(body)
-    blocked = extrapulmonary_tissue(body, labels_work > 0, pixel_mm)
+    blocked = organ_dome_holes(body, labels_work > 0)
     right = _close_per_slice(labels_work == LUNG_RIGHT, radius_px, allowed, centres, work, hole_blocked=blocked)
     left = _close_per_slice(labels_work == LUNG_LEFT, radius_px, allowed & ~right, centres, work,
                             hole_blocked=blocked)
@@ -513,19 +513,36 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     )
 
 
-def extrapulmonary_tissue(body: np.ndarray, lung: np.ndarray, pixel_mm: float,
-                          opening_radius_mm: float = 3.0) -> np.ndarray:
-    """The body's big connected non-lung tissue (chest wall, mediastinum, liver, spleen), in 3D.
+def organ_dome_holes(body: np.ndarray, lung: np.ndarray, open_fraction: float = 0.3) -> np.ndarray:
+    """2D holes of the lung that are organ domes, not disease.
 
-    Vessels and bronchi inside the lung also reach the hilum, so the tissue is first opened in-plane with a
-    disc of ``opening_radius_mm``: thin bronchovascular links break and a lesion inside the lung comes apart
-    from the mediastinum, while an organ dome stays joined to its organ in the slices below.
+    In one slice a diaphragm dome (liver, spleen) can be ringed by lung exactly like a consolidation. In 3D they
+    differ: a lesion is capped above and below by lung, while a dome runs down into its organ, which in the
+    slices below lies *outside* the lung. Holes are grouped in 3D; a group whose faces along z meet open
+    (not lung-enclosed) body tissue for more than ``open_fraction`` of those faces is a dome.
     """
-    r = max(1, int(round(opening_radius_mm / pixel_mm)))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disc = (yy * yy + xx * xx <= r * r)[None]
-    tissue = ndi.binary_opening(body & ~lung, structure=disc)
-    return _largest_component(tissue, _STRUCT_6)
+    holes = np.zeros_like(lung)
+    open_tissue = np.zeros_like(lung)
+    for z in range(lung.shape[0]):
+        if lung[z].any():
+            filled = fill_holes_2d(lung[z])
+            holes[z] = filled & ~lung[z] & body[z]
+            open_tissue[z] = body[z] & ~filled
+        else:
+            open_tissue[z] = body[z]
+    lab, n = ndi.label(holes, structure=_STRUCT_6)
+    if n == 0:
+        return holes
+    open_faces = np.zeros(n + 1)
+    lung_faces = np.zeros(n + 1)
+    for a, b in ((slice(None, -1), slice(1, None)), (slice(1, None), slice(None, -1))):
+        face = holes[a] & ~holes[b]
+        la = lab[a]
+        open_faces += np.bincount(la[face & open_tissue[b]], minlength=n + 1)
+        lung_faces += np.bincount(la[face & lung[b]], minlength=n + 1)
+    dome = open_faces > open_fraction * np.maximum(open_faces + lung_faces, 1)
+    dome[0] = False
+    return dome[lab]
 
 
 def _body_centres(body: np.ndarray) -> np.ndarray:
