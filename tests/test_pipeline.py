@@ -13,7 +13,7 @@ from pneumoct.pipeline import diagnose
 from pneumoct.rules import classify_by_rule
 from pneumoct.types import CLASS_NAMES
 
-from conftest import REAL_STUDIES, require_real_data
+from conftest import REAL_STUDIES, SHARED_DATA, require_real_data
 from toy import toy_chest
 
 
@@ -152,9 +152,18 @@ def test_real_studies_end_to_end(tmp_path):
     from pneumoct.io import read_study
     from pneumoct.pipeline import analyse_study
 
+    slice_labels = np.load(SHARED_DATA / "covid-ct-md" / "Slice-level-labels-updated-1.npy")
+    label_rows = {"covid19": 0, "cap": 55}  # Index.csv: row 0 = P001, row 55 = cap001
     lesion_ml, lung_ml = {}, {}
     for label, folder in REAL_STUDIES.items():
         out = analyse_study(read_study(folder))
+        if label in label_rows:
+            # docs/data_notes.md: label column i is canonical slice i (superior first, SliceLocation descending)
+            area = np.array([s["lesion_area_mm2"] for s in out.result["slices"]])
+            radiologist = slice_labels[label_rows[label], : len(area)].astype(float)
+            same = np.corrcoef(radiologist, area)[0, 1]
+            reversed_ = np.corrcoef(radiologist[::-1], area)[0, 1]
+            assert same > 0.45 and same > reversed_ + 0.2, (label, same, reversed_)
         q = out.result["quantification"]
         lung_ml[label] = q["lung_volume_ml"]["total"]
         lesion_ml[label] = q["lesion_volume_ml"]
