@@ -177,3 +177,25 @@ def test_real_studies_end_to_end(tmp_path):
         assert patient_id and patient_id not in text  # no patient identifier in the result
     assert lesion_ml["covid19"] > lesion_ml["healthy"]
     assert lesion_ml["cap"] > lesion_ml["healthy"]
+
+
+def test_crop_command_on_study_and_on_2d_image(toy_nifti, tmp_path):
+    path, study, _ = toy_nifti
+    assert cli.main(["crop", str(path), "--out", str(tmp_path / "s"), "--size", "96"]) == 0
+    res = json.loads((tmp_path / "s" / "crops.json").read_text())
+    assert res["input"]["hounsfield"] is True and len(res["slices"]) == study.shape[0]
+    r0, r1, c0, c1 = res["study_bbox_r0_r1_c0_c1"]
+    # the box holds both toy lungs (columns ~0.06n..0.94n of the lung ellipses) but not the table rows
+    n = study.shape[1]
+    assert c0 <= 0.30 * n and c1 >= 0.70 * n and r1 <= 0.82 * n
+    img = np.asarray(Image.open(tmp_path / "s" / res["slices"][20]["file"]))
+    assert img.shape == (96, 96)
+    # a 2D image: accepted and flagged as having no HU
+    sl = study.hu[20].astype(np.float32)
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.clip((sl + 1000) / 1400 * 255, 0, 255).astype(np.uint8)).save(png)
+    assert cli.main(["crop", str(png), "--out", str(tmp_path / "p")]) == 0
+    res2 = json.loads((tmp_path / "p" / "crops.json").read_text())
+    assert res2["input"]["hounsfield"] is False and res2["input"]["input_is_2d_image"] is True
+    assert any(w["code"] == "2d_image_no_hu" for w in res2["input"]["warnings"])
+    assert res2["slices"][0]["lung_found"]

@@ -97,6 +97,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_crop(args: argparse.Namespace) -> int:
+    from .slices import crop_lungs
+
+    result = crop_lungs(args.input, args.out, size=args.size)
+    kind = "2D image(s) without HU" if result["input"]["input_is_2d_image"] else "CT study (HU)"
+    print(f"{args.out}: {len(result['slices'])} lung crop(s) from a {kind}; boxes in crops.json")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoct", description="Explainable pneumonia screening from chest CT "
                                      "(research use only; not a medical device).")
@@ -124,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", type=float, default=0.0, help="0 = clear lesions ... 1 = small faint lesions")
     p.add_argument("--formats", default="nifti,dicom", help="comma list of nifti,dicom")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("crop", help="M3Lung-Sys lung crop of every slice (studies, or 2D PNG/JPG images)")
+    p.add_argument("input", help="a study (any format diagnose reads), a 2D image, or a folder of 2D images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=224, help="output size in pixels (square)")
+    p.set_defaults(func=cmd_crop)
 
     p = sub.add_parser("inspect", help="describe an input (series found, the one chosen, warnings) without analysing")
     p.add_argument("input")
