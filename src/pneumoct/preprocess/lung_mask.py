@@ -320,7 +320,13 @@ def _convex_hull(m: np.ndarray) -> np.ndarray:
     from scipy.spatial import ConvexHull, QhullError
     from skimage.draw import polygon
 
-    edge = m & ~ndi.binary_erosion(m)
+    rows = np.nonzero(m.any(axis=1))[0]
+    cols = np.nonzero(m.any(axis=0))[0]
+    if rows.size == 0:
+        return m.copy()
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1  # the hull lies inside the bounding box
+    sub = m[r0:r1, c0:c1]
+    edge = sub & ~ndi.binary_erosion(sub, border_value=0)
     pts = np.argwhere(edge).astype(np.float64)
     if len(pts) < 3:
         return m.copy()
@@ -329,9 +335,9 @@ def _convex_hull(m: np.ndarray) -> np.ndarray:
     except QhullError:  # all points on a line
         return m.copy()
     verts = pts[hull.vertices]
-    rr, cc = polygon(verts[:, 0], verts[:, 1], shape=m.shape)
+    rr, cc = polygon(verts[:, 0], verts[:, 1], shape=sub.shape)
     out = m.copy()
-    out[rr, cc] = True
+    out[rr + r0, cc + c0] = True
     return out
 
 
