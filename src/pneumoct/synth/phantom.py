@@ -1341,7 +1341,9 @@ def _paint_slice(i: int, an: _Anatomy, gr: _Grids, geom: _Geom, vols: dict, rng_
                 fi = _soft(sdo + 3.0, ps) * f_abd
                 gas = _soft(Y - np.float32(cy - 0.25 * sy), ps)
                 _mix(img, np.float32(12.0), fi * (1 - gas))
-                _mix(img, np.float32(-1000.0), fi * gas)
+                # the gas sits under the diaphragm muscle and stomach wall (~6 mm), never against the lung
+                deep = np.clip(0.5 + (zz - zd - 6.0) / np.float32(max(dz, ps)), 0.0, 1.0)
+                _mix(img, np.float32(-1000.0), fi * gas * deep)
 
     # spine: vertebral body (cortex + cancellous bone, discs), canal, posterior elements; paraspinal muscles
     bb = gr.bbox(-rx - 40 * an.s, rx + 40 * an.s, yvb - ry - 5, ycan + 60)
