@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@for c in $(DEMO_OUT)/phantoms/case_*/; do \
 	  n=$$(basename $$c); \
 	  $(PY) -m pneumoct diagnose $$c/dicom --out $(DEMO_OUT)/results/$$n || exit 1; \
+	  $(PY) -c "import json,sys; print('    phantom ground truth:', json.load(open(sys.argv[1]))['label'])" $$c/truth.json; \
 	done
 	@echo "Demo done. Open the reports: $(DEMO_OUT)/results/*/report.html (synthetic phantoms, not patients)"
 
