@@ -1,13 +1,17 @@
 """Threshold lesion baseline: ground-glass and consolidation by Hounsfield units inside the lung.
 
 This is a **baseline**, not a learned model. It labels lung voxels by density (ground-glass ≈ −750…−300 HU,
-consolidation ≈ −300…+100 HU) after removing thin bright structures (vessels, bronchial walls, fissures), and is
-meant as a transparent reference for the learned lesion segmenter and as a fallback when no model is available.
-See ``docs/quantification.md`` for the method and its known failure modes.
+consolidation ≈ −300…+100 HU) and keeps only density that looks like a lesion: broad in 3D (it holds a cylinder a
+few millimetres wide and a few slices high), or a compact blob (a nodule). Vessels, vessel sleeves, bronchial walls
+and fissures are thin; large vessels are tubes; tissue the lung mask took in from outside the lung (an organ dome,
+the stomach wall under a gas bubble) rests on dense tissue outside the mask. It is meant as a transparent reference
+for the learned lesion segmenter and as a fallback when no model is available. See ``docs/quantification.md`` for
+the method, its measured performance (``benchmarks/lesion_baseline_eval.py``) and its known failure modes.
 
-All morphology is 2D, per axial slice (in-plane), on the lung's bounding box only, so a 512×512×150 study runs in
-about a second or two on two CPU cores. Output labels follow :mod:`pneumoct.types`: ``LESION_GGO`` (1) and
-``LESION_CONSOLIDATION`` (2).
+Everything runs on the lung's bounding box, on a working grid of about ``working_pixel_mm`` in-plane (512² studies
+are block-averaged 2×2, 256² phantoms are used as they are), so every parameter is in mm or mL and transfers between
+matrices. Morphology is 2D per axial slice, or a 2D disk stacked over a few slices (a cylinder). Output labels follow
+:mod:`pneumoct.types`: ``LESION_GGO`` (1) and ``LESION_CONSOLIDATION`` (2).
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO
 METHOD = "threshold-baseline"
 
 __all__ = ["LesionFinding", "find_lesions_threshold", "inplane_disk", "METHOD"]
+
+_STRUCT26 = np.ones((3, 3, 3), dtype=bool)
+_SQUARE3 = np.ones((3, 3), dtype=bool)
 
 
 @dataclass
@@ -104,6 +111,89 @@ def _close_inplane(mask: np.ndarray, fp2d: np.ndarray) -> np.ndarray:
     return ndi.binary_erosion(_dilate_inplane(mask, fp2d), structure=fp2d[None], border_value=1)
 
 
+
+
+def _erode_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
+    """Binary erosion with a cylinder: the in-plane disk ``fp2d`` must fit in every slice z-k..z+k."""
+    e = ndi.binary_erosion(mask, structure=fp2d[None]) if fp2d.size > 1 else mask.copy()
+    if k > 0 and e.any():
+        e = ndi.minimum_filter1d(e.view(np.uint8), 2 * k + 1, axis=0, mode="constant", cval=0).view(bool)
+    return e
+
+
+def _dilate_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
+    """Binary dilation with a cylinder (in-plane disk ``fp2d``, slices z-k..z+k)."""
+    d = _dilate_inplane(mask, fp2d) if fp2d.size > 1 else mask.copy()
+    if k > 0 and d.any():
+        d = ndi.maximum_filter1d(d.view(np.uint8), 2 * k + 1, axis=0, mode="constant", cval=0).view(bool)
+    return d
+
+
+def _open_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
+    """Opening with a cylinder (in-plane disk, 2k+1 slices high), clipped to ``mask``: the union of all cylinders
+    that fit inside ``mask``."""
+    if not mask.any():
+        return mask.copy()
+    return _dilate_cyl(_erode_cyl(mask, fp2d, k), fp2d, k) & mask
+
+
+def _reach(seeds: np.ndarray, mask: np.ndarray, n_xy: int, n_z: int) -> np.ndarray:
+    """Voxels of ``mask`` reachable from ``seeds`` through ``mask`` in at most ``n_xy`` steps to one of the 8
+    in-plane neighbours, of which at most ``n_z`` may also move by one slice (geodesic dilation, anisotropic)."""
+    out = seeds & mask
+    if not out.any():
+        return out
+    nz = min(n_z, n_xy)
+    if nz > 0:
+        out = ndi.binary_dilation(out, structure=_STRUCT26, iterations=nz, mask=mask)
+    if n_xy > nz:
+        out = ndi.binary_dilation(out, structure=_SQUARE3[None], iterations=n_xy - nz, mask=mask)
+    return out
+
+
+def _smooth_in_lung(h: np.ndarray, lung: np.ndarray, sigma_mm: float, sp: Sequence[float]) -> np.ndarray:
+    """In-plane Gaussian smoothing normalised over lung voxels (normalised convolution); -1000 outside the lung."""
+    if sigma_mm <= 0:
+        return np.where(lung, h, np.float32(-1000.0)).astype(np.float32)
+    sig = (0.0, sigma_mm / sp[1], sigma_mm / sp[2])
+    w = lung.astype(np.float32)
+    num = ndi.gaussian_filter(h * w, sig, truncate=2.5)
+    den = ndi.gaussian_filter(w, sig, truncate=2.5)
+    return np.divide(num, den, out=np.full_like(num, -1000.0), where=lung)
+
+
+def _component_shape(labels: np.ndarray, n: int, sp: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per component 0..n: voxel count, bounding-box extent in mm (z, y, x) and principal standard deviations in mm
+    (ascending). Index 0 is the background and meaningless."""
+    idx = np.flatnonzero(labels)
+    lab = labels.ravel()[idx]
+    coords = np.unravel_index(idx, labels.shape)
+    cnt = np.bincount(lab, minlength=n + 1).astype(np.float64)
+    safe = np.maximum(cnt, 1.0)
+    c = [coords[a].astype(np.float64) * sp[a] for a in range(3)]
+    mean = [np.bincount(lab, c[a], minlength=n + 1) / safe for a in range(3)]
+    cov = np.zeros((n + 1, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            cov[:, a, b] = cov[:, b, a] = np.bincount(lab, c[a] * c[b], minlength=n + 1) / safe - mean[a] * mean[b]
+    sd = np.sqrt(np.clip(np.linalg.eigvalsh(cov), 0.0, None))
+    ext = np.zeros((n + 1, 3))
+    for i, sl in enumerate(ndi.find_objects(labels, max_label=n), start=1):
+        if sl is not None:
+            ext[i] = [(s.stop - s.start) * sp[a] for a, s in enumerate(sl)]
+    return cnt, ext, sd
+
+
+def _block_sum(a: np.ndarray, f: int) -> np.ndarray:
+    """Sum over f×f in-plane blocks, float32 (the in-plane size must be a multiple of f). Strided adds are several
+    times faster than a reshape-mean."""
+    acc = np.zeros((a.shape[0], a.shape[1] // f, a.shape[2] // f), np.float32)
+    for dy in range(f):
+        for dx in range(f):
+            acc += a[:, dy::f, dx::f]
+    return acc
+
+
 def find_lesions_threshold(
     hu: np.ndarray,
     lung_mask: np.ndarray,
@@ -117,30 +207,63 @@ def find_lesions_threshold(
     smoothing_sigma_mm: float = 0.75,
     halo_px: int = 1,
     consolidation_edge_hu: float = -450.0,
+    working_pixel_mm: float = 1.5,
+    core_radius_mm: float = 4.5,
+    core_half_height_mm: float = 2.0,
+    core_sigma_mm: float = 1.25,
+    thick_radius_mm: float = 6.0,
+    reach_mm: float = 4.5,
+    reach_z_mm: float = 8.0,
+    tube_elongation: float = 3.0,
+    tube_max_sd_mm: float = 7.0,
+    organ_face_fraction: float = 0.6,
+    compact_hu: float = -400.0,
+    compact_max_mm: float = 20.0,
+    compact_elongation: float = 2.5,
+    compact_min_ml: float = 0.02,
+    compact_shell_hu: float = -650.0,
 ) -> LesionFinding:
     """Find ground-glass (1) and consolidation (2) voxels by HU thresholds inside the lung.
 
-    Steps (morphology in-plane, per axial slice, on the lung's bounding box):
+    Steps (on the lung's bounding box, on a working grid of about ``working_pixel_mm`` in-plane: the study is
+    block-averaged over lung voxels by an integer factor, 512² studies by 2×2; the mask is brought back to the
+    study grid at the end):
 
-    1. **Denoise**: Gaussian smoothing in-plane (σ = ``smoothing_sigma_mm``), normalised over lung voxels only
-       (normalised convolution), so the chest wall and mediastinum do not bleed into the lung rim.
-    2. **Dense mask**: lung voxels with smoothed HU ≥ ``ggo_range[0]`` (everything denser than aerated lung).
-    3. **Thin-structure suppression**: opening of the dense mask with a disk of radius ``vessel_radius_mm``.
-       "Vessel" (not lesion) = what the opening removes (vessels, bronchial walls, fissures: anything narrower than
-       about 2×radius in-plane) ∪ consolidation-range cores too thin for the disk (a vessel whose partial-volume
-       sleeve made the dense region look broad) ∪ anything above ``consolidation_range[1]`` (contrast, calcium).
-       A ``halo_px`` halo around vessels is excluded from the GGO class.
-    4. **Classes**: consolidation = opened-dense ∩ ``consolidation_range``, itself opened with the disk, on the
-       whole lung mask (dense subpleural consolidation is kept). GGO = opened-dense ∩ ``ggo_range`` inside the lung
-       eroded by ``pleural_margin_mm`` (avoids the partial-volume rim along the chest wall), minus the halo. Then:
-       GGO-range voxels touching consolidation with HU ≥ ``consolidation_edge_hu`` become consolidation (its
-       partial-volume edge); GGO is kept only within a disk radius (3D geodesic steps) of GGO broad enough to hold
-       the disk (drops partial-volume sleeves of vessels and the thin shell around consolidation); dense voxels in
-       gaps of the GGO narrower than the disk (per-slice closing) join the GGO (vessels crossing ground glass).
-       Ranges are half-open at the GGO/consolidation boundary: GGO is ``lo <= h < hi``, consolidation
-       ``lo <= h <= hi``.
-    5. **Size filter**: 3D connected components (26-connectivity) of GGO ∪ consolidation smaller than
-       ``min_lesion_ml`` are dropped.
+    1. **Denoise**: in-plane Gaussian (σ = ``smoothing_sigma_mm``) normalised over lung voxels, so the chest wall
+       and mediastinum do not bleed into the lung rim.
+    2. **Candidates**: dense = lung with HU ≥ ``ggo_range[0]``, opened per slice with a disk of
+       ``vessel_radius_mm`` (drops vessels, bronchial walls, fissures). Consolidation = opened ∩
+       ``consolidation_range``, opened again; GGO = opened ∩ ``ggo_range`` inside the lung eroded by
+       ``pleural_margin_mm``, minus a ``halo_px`` halo (working-grid pixels) around the removed thin structures;
+       GGO-range voxels touching consolidation with HU ≥ ``consolidation_edge_hu`` become consolidation. Ranges are
+       half-open at the GGO/consolidation boundary: GGO is ``lo <= h < hi``, consolidation ``lo <= h <= hi``.
+    3. **GGO cores**: on a smoother image (σ = ``core_sigma_mm``, so patchy ground glass counts), GGO that holds a
+       cylinder: a disk of ``core_radius_mm`` in every slice over ±``core_half_height_mm`` (at least ±1 slice).
+       Vessels lying in a thick slab, vessel sleeves and bronchial walls do not.
+    4. **Consolidation**: 3D components (26-connected) that are **organ tissue** taken in by the lung mask (at least
+       ``organ_face_fraction`` of their inferior face rests on dense tissue outside the mask, and they are not
+       surrounded by aerated lung or they border pure gas) or **straight tubes** (principal standard deviations
+       sd₃ ≥ ``tube_elongation``·sd₂ with sd₂ ≤ ``tube_max_sd_mm``: large vessels; not when the component encloses
+       air in a slice, a bronchus inside consolidation) are dropped; so is a component whose inferior face rests on
+       tissue outside the mask for ≥ 90 % of it. Consolidation is kept within reach (``reach_mm`` in-plane,
+       ``reach_z_mm`` across slices, geodesic) of a core that holds a cylinder of ``thick_radius_mm`` (enclosed air
+       counted in) or of a GGO core.
+    5. **GGO** is kept within the same reach of a GGO core or of kept consolidation; dense voxels in gaps of the GGO
+       narrower than the vessel disk join it (vessels crossing ground glass).
+    6. **Compact lesions** (nodules, small consolidations): 3D components of HU ≥ ``compact_hu`` not yet kept,
+       at most ``compact_max_mm`` in every direction, not elongated (sd₃ ≤ ``compact_elongation``·sd₁), at least
+       ``compact_min_ml`` (and 2 voxels), and isolated: the mean HU of their 26-neighbour shell inside the lung is at
+       most ``compact_shell_hu`` and at least 80 % of the shell is lung (40 % for blobs of ``min_lesion_ml`` or more:
+       small subpleural consolidation). They are kept (consolidation where HU ≥ ``consolidation_range[0]``, else
+       GGO); a vessel fragment or a chest-wall rim is not isolated.
+    7. **Size filter**: 3D components of GGO ∪ consolidation smaller than ``min_lesion_ml`` are dropped, except
+       compact lesions.
+    8. **Back to the study grid** (when the working grid is coarser): the mask is repeated f×f; along the lesion
+       edge (its outer working pixel and one study pixel outside it) each study voxel is lesion if its own HU
+       (binomial 3×3 in-plane smoothing) is ≥ ``ggo_range[0]``, consolidation if ≥ ``consolidation_range[0]``.
+
+    ``halo_px`` counts working-grid pixels. Counters in ``params`` ending in ``_voxels`` before ``ggo_voxels`` are
+    working-grid counts × f² (study-grid equivalents).
 
     Args:
         hu: (Z, Y, X) Hounsfield units, canonical orientation.
@@ -157,16 +280,24 @@ def find_lesions_threshold(
     lung_mask = np.asarray(lung_mask)
     if hu.ndim != 3 or hu.shape != lung_mask.shape:
         raise ValueError(f"hu and lung_mask must be 3D arrays of the same shape, got {hu.shape} and {lung_mask.shape}")
-    sp = _check_spacing(spacing)
+    sp0 = _check_spacing(spacing)
     g_lo, g_hi = (float(v) for v in ggo_range)
     c_lo, c_hi = (float(v) for v in consolidation_range)
     if not (g_lo < g_hi <= c_lo < c_hi):
         raise ValueError("expected ggo_range[0] < ggo_range[1] <= consolidation_range[0] < consolidation_range[1]")
 
+    f = max(1, int(np.floor(float(working_pixel_mm) / max(sp0[1], sp0[2]) + 1e-6)))
+    sp = (sp0[0], sp0[1] * f, sp0[2] * f)  # working grid
     voxel_ml = float(np.prod(sp)) / 1000.0
     fp_vessel = inplane_disk(vessel_radius_mm, sp[1:])
     fp_pleura = inplane_disk(pleural_margin_mm, sp[1:])
-    sigma_px = (0.0, smoothing_sigma_mm / sp[1], smoothing_sigma_mm / sp[2])
+    fp_core = inplane_disk(core_radius_mm, sp[1:])
+    fp_thick = inplane_disk(thick_radius_mm, sp[1:])
+    # gaps of ground glass a vessel and its halo leave (vessels crossing ground glass)
+    fp_gap = inplane_disk(float(vessel_radius_mm) + max(int(halo_px), 0) * max(sp[1], sp[2]), sp[1:])
+    k_core = max(1, int(round(float(core_half_height_mm) / sp[0])))
+    n_xy = int(np.ceil(float(reach_mm) / min(sp[1:]) - 1e-9))
+    n_z = int(np.ceil(float(reach_z_mm) / sp[0] - 1e-9))
     params: dict[str, Any] = {
         "method": METHOD,
         "ggo_range_hu": [g_lo, g_hi],
@@ -178,8 +309,26 @@ def find_lesions_threshold(
         "smoothing_sigma_mm": float(smoothing_sigma_mm),
         "halo_px": int(halo_px),
         "consolidation_edge_hu": float(consolidation_edge_hu),
+        "working_pixel_mm": float(working_pixel_mm),
+        "working_factor": f,
+        "working_spacing_mm": [round(float(s), 4) for s in sp],
+        "core_radius_mm": float(core_radius_mm),
+        "core_half_height_mm": float(core_half_height_mm),
+        "core_half_height_slices": k_core,
+        "core_sigma_mm": float(core_sigma_mm),
+        "thick_radius_mm": float(thick_radius_mm),
+        "reach_mm": float(reach_mm),
+        "reach_z_mm": float(reach_z_mm),
+        "tube_elongation": float(tube_elongation),
+        "tube_max_sd_mm": float(tube_max_sd_mm),
+        "organ_face_fraction": float(organ_face_fraction),
+        "compact_hu": float(compact_hu),
+        "compact_max_mm": float(compact_max_mm),
+        "compact_elongation": float(compact_elongation),
+        "compact_min_ml": float(compact_min_ml),
+        "compact_shell_hu": float(compact_shell_hu),
         "connectivity": 26,
-        "morphology": "2D per axial slice",
+        "morphology": "2D per axial slice; cylinders (disk over several slices) for cores",
     }
 
     out = np.zeros(hu.shape, dtype=np.uint8)
@@ -190,49 +339,56 @@ def find_lesions_threshold(
         return LesionFinding(mask=out, params=params)
     ys = np.flatnonzero(lung_full[zs[0] : zs[-1] + 1].any(axis=(0, 2)))
     xs = np.flatnonzero(lung_full[zs[0] : zs[-1] + 1].any(axis=(0, 1)))
-    pad_y = max(fp_vessel.shape[0] // 2, fp_pleura.shape[0] // 2, 3) + 1
-    pad_x = max(fp_vessel.shape[1] // 2, fp_pleura.shape[1] // 2, 3) + 1
-    # the crop is padded in-plane with non-lung so every morphology border is "outside the lung"
-    bz = slice(int(zs[0]), int(zs[-1]) + 1)
+    # crop: the lung's box, one slice more above and below (for the organ test), in-plane a multiple of f
+    bz = slice(max(int(zs[0]) - 1, 0), min(int(zs[-1]) + 2, hu.shape[0]))
     by = slice(int(ys[0]), int(ys[-1]) + 1)
     bx = slice(int(xs[0]), int(xs[-1]) + 1)
-    lung = np.pad(lung_full[bz, by, bx], ((0, 0), (pad_y, pad_y), (pad_x, pad_x)))
-    h = np.pad(hu[bz, by, bx].astype(np.float32), ((0, 0), (pad_y, pad_y), (pad_x, pad_x)))
-    if float(h[lung].min()) >= 0.0:
+    ny, nx = by.stop - by.start, bx.stop - bx.start
+    ey, ex = (-ny) % f, (-nx) % f
+    lung0 = np.pad(lung_full[bz, by, bx], ((0, 0), (0, ey), (0, ex)))
+    raw0 = np.pad(hu[bz, by, bx].astype(np.float32), ((0, 0), (0, ey), (0, ex)), constant_values=-1000.0)
+    if float(raw0[lung0].min()) >= 0.0:
         raise ValueError("hu has no negative values inside the lung: this does not look like Hounsfield units")
+    if f > 1:
+        n_lung = _block_sum(lung0, f)
+        lung_w = n_lung >= 0.5 * f * f
+        raw_w = _block_sum(raw0, f) / np.float32(f * f)  # everything, for the tissue outside the lung
+        # mean over the lung voxels of each block
+        hl_w = _block_sum(np.where(lung0, raw0, np.float32(0.0)), f)
+        np.divide(hl_w, n_lung, out=hl_w, where=n_lung > 0)
+        hl_w = np.where(n_lung > 0, hl_w, raw_w)
+        del n_lung
+    else:
+        lung_w, raw_w, hl_w = lung0, raw0, raw0
+    fps = (fp_vessel, fp_pleura, fp_core, fp_thick, fp_gap)
+    pad_y = max(max(fp.shape[0] for fp in fps), 7) // 2 + 1
+    pad_x = max(max(fp.shape[1] for fp in fps), 7) // 2 + 1
+    padw = ((0, 0), (pad_y, pad_y), (pad_x, pad_x))
+    lung = np.pad(lung_w, padw)
+    raw = np.pad(raw_w, padw, constant_values=-1000.0)
+    hl = np.pad(hl_w, padw, constant_values=-1000.0)
+    del raw_w, hl_w
 
-    # 1. normalised in-plane Gaussian smoothing over lung voxels only
-    if smoothing_sigma_mm > 0:
-        w = lung.astype(np.float32)
-        num = ndi.gaussian_filter(h * w, sigma_px, truncate=2.5)
-        den = ndi.gaussian_filter(w, sigma_px, truncate=2.5)
-        np.divide(num, den, out=h, where=lung)
-        del num, den, w
+    # 1. denoise
+    h = _smooth_in_lung(hl, lung, smoothing_sigma_mm, sp)
 
-    # 2. dense mask and 3. thin-structure suppression
+    # 2. candidates
     dense = lung & (h >= g_lo)
     opened = _open_inplane(dense, fp_vessel)
     cons_cand = opened & (h >= c_lo) & (h <= c_hi)
     cons = _open_inplane(cons_cand, fp_vessel)
-    # vessels / bronchial walls / fissures: dense structures too thin for the disk, thin consolidation-range cores
-    # whose partial-volume sleeve made the dense region look broad, and anything above the consolidation range
-    # (contrast-filled vessels, calcification)
     vessel = (dense & ~opened) | (cons_cand & ~cons) | (opened & (h > c_hi))
     if halo_px > 0 and vessel.any():
-        k = 2 * int(halo_px) + 1
-        halo = ndi.maximum_filter(vessel.view(np.uint8), size=(1, k, k)).view(bool)
+        kk = 2 * int(halo_px) + 1
+        halo = ndi.maximum_filter(vessel.view(np.uint8), size=(1, kk, kk)).view(bool)
     else:
         halo = vessel
-
-    # 4. classes. Consolidation uses the whole lung mask (dense subpleural consolidation is kept); GGO uses the lung
-    # eroded at the pleura and excludes the partial-volume halo of vessels.
+    del cons_cand
     lung_ggo = np.zeros_like(lung)
     reg = _bbox_region(opened, (0, fp_pleura.shape[0] // 2 + 1, fp_pleura.shape[1] // 2 + 1))
-    if reg is not None:  # only where there are candidates (the crop's padding keeps the margin in bounds)
+    if reg is not None:
         lung_ggo[reg] = ndi.binary_erosion(lung[reg], structure=fp_pleura[None]) if fp_pleura.size > 1 else lung[reg]
     ggo = opened & (h >= g_lo) & (h < g_hi) & lung_ggo & ~halo
-    # 4b. consolidation edge: GGO-range voxels touching consolidation (26-neighbourhood) at or above
-    # `consolidation_edge_hu` are the partial-volume edge of the consolidation
     n_edge = 0
     if cons.any() and ggo.any():
         reg = _bbox_region(cons, (1, 1, 1))
@@ -242,33 +398,113 @@ def find_lesions_threshold(
         cons |= edge
         ggo &= ~edge
         n_edge = int(edge.sum())
-    # 4c. GGO must itself be broad: GGO voxels are kept only within `reach` 3D steps (26-neighbourhood, through
-    # GGO) of a part that holds the disk in-plane. This removes partial-volume sleeves along vessels and the thin
-    # shell around a consolidation, but keeps narrow parts of a lesion (e.g. where a vessel cuts it in one slice)
+        del near, edge
+
+    # 3. GGO cores on a smoother image
+    h2 = _smooth_in_lung(hl, lung, max(float(core_sigma_mm), float(smoothing_sigma_mm)), sp)
+    ggo2 = lung_ggo & (h2 >= g_lo) & (h2 < g_hi)
+    del h2
+    ggo_core = _open_cyl(ggo2, fp_core, k_core) & ggo
+    del ggo2
+
+    # 4. consolidation: drop organ tissue and straight tubes, keep what is within reach of a broad core
+    dropped = {"organ": 0, "tube": 0}
+    rejected = np.zeros_like(cons)
+    # consolidation with its enclosed air (air bronchograms): holes of the consolidation in each slice
+    filled = cons.copy()
+    for z in np.flatnonzero(cons.any(axis=(1, 2))):
+        filled[z] = ndi.binary_fill_holes(filled[z])
+    if cons.any():
+        labels, n = ndi.label(cons, structure=_STRUCT26)
+        _, _, sd = _component_shape(labels, n, sp)
+        # hollow: the component encloses air in some slice (a bronchus inside consolidation); vessels are solid
+        lab_f = ndi.maximum_filter(labels, size=(1, 3, 3))  # holes touch their component in-plane
+        holes = filled & ~cons
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        hollow = np.bincount(lab_f[holes], minlength=n + 1) >= np.maximum(0.02 * sizes, 1)
+        del lab_f, holes
+        below_out = np.zeros_like(cons)
+        below_out[:-1] = ~lung[1:] & (raw[1:] > -500.0)
+        face = cons.copy()
+        face[:-1] &= ~cons[1:]
+        inf_out = np.bincount(labels[face & below_out], minlength=n + 1) / np.maximum(
+            np.bincount(labels[face], minlength=n + 1), 1)
+        del face, below_out
+        reg = _bbox_region(cons, (0, 2, 2))
+        lab_d = np.zeros_like(labels)
+        lab_d[reg] = ndi.maximum_filter(labels[reg], size=(1, 5, 5))
+        ring = (lab_d > 0) & ~cons & ~opened
+        ring_n = np.maximum(np.bincount(lab_d[ring], minlength=n + 1), 1)
+        aer = np.bincount(lab_d[ring & lung & (h < g_lo) & (h >= -975.0)], minlength=n + 1) / ring_n
+        gas = np.bincount(lab_d[ring & lung & (h < -975.0)], minlength=n + 1) / ring_n
+        del lab_d, ring
+        organ = ((inf_out >= float(organ_face_fraction)) & ((aer < 0.15) | (gas >= 0.03))) | (inf_out >= 0.9)
+        tube = (sd[:, 2] >= float(tube_elongation) * sd[:, 1]) & (sd[:, 1] <= float(tube_max_sd_mm)) & ~hollow
+        bad = organ | tube
+        bad[0] = False
+        dropped = {"organ": int(organ[1:].sum()), "tube": int((tube & ~organ)[1:].sum())}
+        rejected = bad[labels]
+        cons &= ~rejected
+        del labels
+    seeds = _open_cyl(filled & ~rejected, fp_thick, k_core) & cons
+    del filled
+    if ggo_core.any():
+        seeds |= cons & _dilate_cyl(ggo_core, _SQUARE3, 1)
+    cons = _reach(seeds, cons, n_xy, n_z)
+
+    # 5. GGO within reach of a GGO core or of kept consolidation; vessels crossing ground glass join it
     n_ggo_before = int(ggo.sum())
-    if ggo.any():
-        reach = max(fp_vessel.shape) // 2
-        broad = _open_inplane(ggo, fp_vessel)
-        if reach > 0 and broad.any():
-            ggo = ndi.binary_dilation(broad, structure=np.ones((3, 3, 3), bool), iterations=reach, mask=ggo)
-        else:
-            ggo = broad
+    seeds = ggo_core | (ggo & _dilate_cyl(cons, _SQUARE3, 1))
+    ggo = _reach(seeds, ggo, n_xy, n_z)
+    del seeds, ggo_core
     n_sleeve = n_ggo_before - int(ggo.sum())
-    # 4d. vessels crossing ground glass: dense voxels in gaps of the GGO narrower than the disk (per-slice closing)
-    # belong to the GGO lesion
     n_fill = 0
     if ggo.any():
-        fill = _close_inplane(ggo, fp_vessel) & ~ggo & dense & ~cons & lung_ggo
+        fill = _close_inplane(ggo, fp_gap) & ~ggo & dense & ~cons & lung_ggo
         ggo |= fill
         n_fill = int(fill.sum())
 
-    # 5. 3D size filter (26-connectivity) on GGO ∪ consolidation
-    lesion = ggo | cons
-    labels, n = ndi.label(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    # 6. compact lesions: nodules and small consolidations
+    compact = np.zeros_like(cons)
+    n_compact = 0
+    cand = lung & (hl >= float(compact_hu)) & ~ggo & ~cons & ~rejected
+    if cand.any():
+        labels, n = ndi.label(cand, structure=_STRUCT26)
+        cnt, ext, sd = _component_shape(labels, n, sp)
+        ok = (ext.max(axis=1) <= float(compact_max_mm)) & (cnt * voxel_ml >= float(compact_min_ml))
+        ok &= cnt >= 2  # a single voxel is noise
+        ok &= sd[:, 2] <= float(compact_elongation) * np.maximum(sd[:, 0], 0.5 * min(sp))
+        ok[0] = False
+        if ok.any():
+            # isolated: the 26-neighbour shell is aerated lung on average and does not touch the lung's edge (a
+            # nodule sits in aerated lung; a fragment of a vessel or of the chest wall does not)
+            labels = np.where(ok[labels], labels, 0)
+            reg = _bbox_region(labels > 0, (1, 1, 1))
+            lab_d = np.zeros_like(labels)
+            lab_d[reg] = ndi.maximum_filter(labels[reg], size=3)
+            shell = (lab_d > 0) & (labels == 0)
+            n_sh = np.maximum(np.bincount(lab_d[shell], minlength=n + 1), 1)
+            shell &= lung
+            n_in = np.bincount(lab_d[shell], minlength=n + 1)
+            shell_hu = np.bincount(lab_d[shell], hl[shell], minlength=n + 1) / np.maximum(n_in, 1)
+            ok &= shell_hu <= float(compact_shell_hu)
+            # against the pleura (a small subpleural consolidation) it must be larger
+            ok &= (n_in >= 0.8 * n_sh) | ((n_in >= 0.4 * n_sh) & (cnt * voxel_ml >= float(min_lesion_ml)))
+            del lab_d, shell
+        n_compact = int(ok[1:].sum())
+        compact = ok[labels]
+        solid = compact & (hl >= c_lo)
+        cons |= solid
+        ggo |= compact & ~solid
+        del labels, solid
+
+    # 7. size filter (26-connectivity) on GGO ∪ consolidation; compact lesions are exempt
+    labels, n = ndi.label(ggo | cons, structure=_STRUCT26)
     n_kept = 0
     if n:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         keep = sizes * voxel_ml >= float(min_lesion_ml)
+        keep |= np.bincount(labels[compact], minlength=n + 1) > 0
         keep[0] = False
         n_kept = int(keep[1:].sum())
         kept = keep[labels]
@@ -277,16 +513,44 @@ def find_lesions_threshold(
     crop = np.zeros(lung.shape, dtype=np.uint8)
     crop[ggo] = LESION_GGO
     crop[cons] = LESION_CONSOLIDATION
-    out[bz, by, bx] = crop[:, pad_y : pad_y + (by.stop - by.start), pad_x : pad_x + (bx.stop - bx.start)]
+    crop = crop[:, pad_y : crop.shape[1] - pad_y, pad_x : crop.shape[2] - pad_x]
+    if f > 1 and crop.any():
+        # back to the study grid. Along the lesion edge the study-grid voxel decides by its own density (binomial
+        # 3×3 in-plane smoothing): the outer working pixel of the lesion is kept where dense, and one study-grid
+        # pixel outside it is added where dense, so edges are not blocky
+        inner = ndi.binary_erosion(crop > 0, structure=_SQUARE3[None], border_value=0)
+        up = lambda a: np.repeat(np.repeat(a, f, axis=1), f, axis=2)[:, :ny, :nx]  # noqa: E731
+        edge = up((crop > 0) & ~inner)
+        crop = up(crop)
+        reg = _bbox_region(crop > 0, (0, 2, 2))  # the refinement only runs on the lesions' box
+        sub = crop[reg]
+        lab_d = ndi.maximum_filter(sub, size=(1, 3, 3))
+        edge = edge[reg] | ((lab_d > 0) & (sub == 0))
+        hs = raw0[:, :ny, :nx][reg]
+        for ax in (1, 2):
+            hs = ndi.correlate1d(hs, np.array([0.25, 0.5, 0.25], np.float32), axis=ax, mode="nearest")
+        sub = np.where(edge, np.where(hs >= g_lo, np.maximum(sub, lab_d), 0), sub).astype(np.uint8)
+        sel = edge & (sub > 0)
+        sub[sel] = np.where(hs[sel] >= c_lo, LESION_CONSOLIDATION, LESION_GGO)
+        crop[reg] = sub
+        del inner, edge, lab_d, hs, sel, sub
+    elif f > 1:
+        crop = np.zeros((crop.shape[0], ny, nx), np.uint8)
+    else:
+        crop = crop[:, :ny, :nx]
+    crop[~lung_full[bz, by, bx]] = 0  # never outside the study's lung mask
+    out[bz, by, bx] = crop
 
     params.update(
-        thin_structure_voxels=int(vessel.sum()),
-        consolidation_edge_voxels_relabelled=n_edge,
-        thin_ggo_voxels_dropped=n_sleeve,
-        ggo_gap_voxels_filled=n_fill,
+        thin_structure_voxels=int(vessel.sum()) * f * f,
+        consolidation_edge_voxels_relabelled=n_edge * f * f,
+        thin_ggo_voxels_dropped=n_sleeve * f * f,
+        ggo_gap_voxels_filled=n_fill * f * f,
+        consolidation_components_dropped=dropped,
+        compact_components=n_compact,
         lesion_components=n_kept,
         lesion_components_dropped_small=int(n - n_kept),
-        ggo_voxels=int(np.count_nonzero(crop == LESION_GGO)),
-        consolidation_voxels=int(np.count_nonzero(crop == LESION_CONSOLIDATION)),
+        ggo_voxels=int(np.count_nonzero(out == LESION_GGO)),
+        consolidation_voxels=int(np.count_nonzero(out == LESION_CONSOLIDATION)),
     )
     return LesionFinding(mask=out, probability_map=None, method=METHOD, params=params)
