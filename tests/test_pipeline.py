@@ -133,16 +133,22 @@ def test_rule_labels_follow_the_papers_findings():
     assert classify_by_rule(_q(lesion_volume_ratio=0.004, lesion_count=2))["label"] == "healthy"
     covid = _q(lesion_volume_ratio=0.12, lesion_count=6, peripheral_lesion_ratio=0.7, ggo_fraction=0.85,
                consolidation_fraction=0.15, bilateral_involvement=True,
+               lesion_volume_in_lung_ml={"total": 120.0, "right": 60.0, "left": 60.0},
                lesions=[{"volume_ml": 20.0}] * 6)
     assert classify_by_rule(covid)["label"] == "covid19"
     cap = _q(lesion_volume_ratio=0.05, lesion_count=1, peripheral_lesion_ratio=0.2, ggo_fraction=0.2,
              consolidation_fraction=0.8, lesions=[{"volume_ml": 120.0}])
     assert classify_by_rule(cap)["label"] == "cap"
-    h1n1 = _q(lesion_volume_ratio=0.03, lesion_count=12, peripheral_lesion_ratio=0.3, ggo_fraction=0.5,
-              consolidation_fraction=0.5, bilateral_involvement=True,
+    h1n1 = _q(lesion_volume_ratio=0.03, lesion_count=12, peripheral_lesion_ratio=0.3, ggo_fraction=0.7,
+              consolidation_fraction=0.3, bilateral_involvement=True,
+              lesion_volume_in_lung_ml={"total": 48.6, "right": 20.0, "left": 28.6},
               lesions=[{"volume_ml": 0.4}] * 9 + [{"volume_ml": 15.0}] * 3)
     assert classify_by_rule(h1n1)["label"] == "other_viral"
+    # the same CAP picture split evenly over both lungs is no longer "unilateral"
+    cap_unilateral = classify_by_rule(dict(cap, lesion_volume_in_lung_ml={"total": 120.0, "right": 120.0, "left": 0.0}))
+    assert "unilateral" in cap_unilateral["rule_evidence"]["cap"]
     r = classify_by_rule(covid)
+    assert "bilateral" in r["rule_evidence"]["covid19"]
     assert r["abnormal_probability"] > 0.99 and r["model"]["calibrated"] is False
 
 

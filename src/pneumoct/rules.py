@@ -32,14 +32,21 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
     """Patient label from a quantification dict (``pneumoct.quantify.quantify`` output)."""
     lvr_pct = 100.0 * float(q.get("lesion_volume_ratio") or 0.0)
     abnormal = _sigmoid((lvr_pct - ABNORMAL_LVR_PERCENT) / ABNORMAL_LVR_SCALE)
-    count = int(q.get("lesion_count") or 0)
     plr = q.get("peripheral_lesion_ratio")
     plr = 0.0 if plr is None else float(plr)
     ggo = float(q.get("ggo_fraction") or 0.0)
     cons = float(q.get("consolidation_fraction") or 0.0)
-    bilateral = bool(q.get("bilateral_involvement"))
     lesions = q.get("lesions") or []
-    small = sum(1 for les in lesions if float(les.get("volume_ml", 0.0)) < 1.0)
+    volumes = sorted((float(les.get("volume_ml", 0.0)) for les in lesions), reverse=True)
+    total = sum(volumes)
+    # specks below 1 mL are counted apart: the baseline's false positives are mostly that small
+    significant = sum(1 for v in volumes if v >= 1.0)
+    small = sum(1 for v in volumes if v < 1.0)
+    largest_share = volumes[0] / total if total > 0 else 0.0
+    in_lung = q.get("lesion_volume_in_lung_ml") or {}
+    right, left = float(in_lung.get("right") or 0.0), float(in_lung.get("left") or 0.0)
+    both = right + left
+    bilateral = both > 0 and min(right, left) >= 0.15 * both  # each side holds a real share of the disease
 
     reasons: dict[str, list[str]] = {"covid19": [], "cap": [], "other_viral": []}
     scores = {"covid19": 0.0, "cap": 0.0, "other_viral": 0.0}
@@ -48,28 +55,33 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
         scores[label] += points
         reasons[label].append(why)
 
+    # DeepSC-COVID Finding 4: COVID-19 peripheral, CAP central; H1N1 peribronchovascular (central)
+    if plr >= 0.4:
+        add("covid19", 1.5, f"peripheral lesion ratio {plr:.2f} >= 0.4")
+    else:
+        add("cap", 0.5, f"peripheral lesion ratio {plr:.2f} < 0.4")
+        add("other_viral", 1.0, f"central distribution (peripheral lesion ratio {plr:.2f} < 0.4)")
+    # Finding 3: COVID-19 mainly ground-glass; CAP also dense consolidation
+    if ggo >= 0.85:
+        add("covid19", 1.0, f"ground-glass fraction {ggo:.2f} >= 0.85")
+    elif ggo >= 0.6:
+        add("other_viral", 1.0, f"mixed ground-glass/consolidation (ground-glass {ggo:.2f})")
+    if cons >= 0.45:
+        add("cap", 1.0, f"consolidation fraction {cons:.2f} >= 0.45")
+    # Finding 1: COVID-19 many lesions, CAP one dominant lesion
+    if largest_share >= 0.6:
+        add("cap", 1.5, f"one dominant lesion ({100 * largest_share:.0f}% of lesion volume)")
+    else:
+        add("other_viral", 0.5, "no dominant lesion")
+    if significant >= 3:
+        add("covid19", 0.5, f"{significant} lesions >= 1 mL")
     if bilateral:
         add("covid19", 1.0, "bilateral")
         add("other_viral", 0.5, "bilateral")
     else:
         add("cap", 1.0, "unilateral")
-    if plr >= 0.5:
-        add("covid19", 1.0, f"peripheral lesion ratio {plr:.2f} >= 0.5")
-    else:
-        add("cap", 1.0, f"peripheral lesion ratio {plr:.2f} < 0.5")
-        add("other_viral", 0.5, "central (peribronchovascular) distribution")
-    if count >= 3:
-        add("covid19", 1.0, f"{count} lesions (>= 3)")
-    elif count >= 1:
-        add("cap", 1.0, f"{count} lesion(s) (<= 2)")
-    if ggo >= 0.6:
-        add("covid19", 1.0, f"ground-glass fraction {ggo:.2f} >= 0.6")
-    if cons >= 0.5:
-        add("cap", 1.0, f"consolidation fraction {cons:.2f} >= 0.5")
-    if 0.3 <= cons <= 0.8:
-        add("other_viral", 0.5, "mixed consolidation")
-    if small >= 5 and small >= 0.5 * max(count, 1):
-        add("other_viral", 1.5, f"{small} small (< 1 mL) nodular lesions")
+    if small >= 5:
+        add("other_viral", 1.0, f"{small} small (< 1 mL) nodular lesions")
 
     exp = {k: math.exp(v) for k, v in scores.items()}
     total = sum(exp.values())
