@@ -156,8 +156,31 @@ def otsu_threshold(image: np.ndarray, mask: np.ndarray | None = None, nbins: int
 
 
 # ------------------------------------------------------------------------------------------------ results
+class _CropGeometry:
+    """Coordinate mapping shared by single-slice and volume crops (needs ``bbox``, ``image``, ``input_shape``)."""
+
+    bbox: BBox
+    image: np.ndarray
+    input_shape: tuple[int, int]
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+    def to_slice_coords(self, rows: np.ndarray, cols: np.ndarray):
+        """Crop-pixel coordinates → slice-pixel coordinates (see :func:`crop_coords_to_slice`)."""
+        return crop_coords_to_slice(rows, cols, self.bbox, self.out_size)
+
+    def to_crop_coords(self, rows: np.ndarray, cols: np.ndarray):
+        return slice_coords_to_crop(rows, cols, self.bbox, self.out_size)
+
+    def map_to_slice(self, crop_map: np.ndarray, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+        """A map on the crop grid (e.g. an explanation heat map) → the slice grid."""
+        return uncrop_to_slice(crop_map, self.bbox, self.input_shape, order=order, fill=fill)
+
+
 @dataclass
-class LungCrop:
+class LungCrop(_CropGeometry):
     """Result of the M3Lung-Sys lung crop of one slice.
 
     bbox: ``(r0, r1, c0, c1)`` half-open, in input pixels, margin included (the whole slice on fallback).
@@ -183,21 +206,6 @@ class LungCrop:
     def found(self) -> bool:
         return not self.fallback
 
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return int(self.image.shape[-2]), int(self.image.shape[-1])
-
-    def to_slice_coords(self, rows: np.ndarray, cols: np.ndarray):
-        """Crop-pixel coordinates → slice-pixel coordinates (see :func:`crop_coords_to_slice`)."""
-        return crop_coords_to_slice(rows, cols, self.bbox, self.out_size)
-
-    def to_crop_coords(self, rows: np.ndarray, cols: np.ndarray):
-        return slice_coords_to_crop(rows, cols, self.bbox, self.out_size)
-
-    def map_to_slice(self, crop_map: np.ndarray, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
-        """A map on the crop grid (e.g. an explanation heat map) → the slice grid."""
-        return uncrop_to_slice(crop_map, self.bbox, self.input_shape, order=order, fill=fill)
-
     def summary(self) -> dict:
         r0, r1, c0, c1 = self.bbox
         h, w = self.input_shape
@@ -210,7 +218,7 @@ class LungCrop:
 
 
 @dataclass
-class VolumeLungCrop:
+class VolumeLungCrop(_CropGeometry):
     """Result of :func:`m3lung_crop_volume`: one box for every slice, so the crops stay registered.
 
     bbox: union of the per-slice step-5 boxes over the slices with lung, plus the margin (whole slice on fallback).
@@ -227,19 +235,6 @@ class VolumeLungCrop:
     threshold: float
     margin: int
     slice_bboxes: list[BBox | None] = field(default_factory=list)
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return int(self.image.shape[-2]), int(self.image.shape[-1])
-
-    def to_slice_coords(self, rows: np.ndarray, cols: np.ndarray):
-        return crop_coords_to_slice(rows, cols, self.bbox, self.out_size)
-
-    def to_crop_coords(self, rows: np.ndarray, cols: np.ndarray):
-        return slice_coords_to_crop(rows, cols, self.bbox, self.out_size)
-
-    def map_to_slice(self, crop_map: np.ndarray, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
-        return uncrop_to_slice(crop_map, self.bbox, self.input_shape, order=order, fill=fill)
 
 
 # ----------------------------------------------------------------------------------------------- the steps
