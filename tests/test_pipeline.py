@@ -206,3 +206,16 @@ def test_crop_command_on_study_and_on_2d_image(toy_nifti, tmp_path):
     assert res2["input"]["hounsfield"] is False and res2["input"]["input_is_2d_image"] is True
     assert any(w["code"] == "2d_image_no_hu" for w in res2["input"]["warnings"])
     assert res2["slices"][0]["lung_found"]
+
+
+def test_cli_synth_writes_cases_and_refuses_unknown_class(tmp_path, capsys):
+    assert cli.main(["synth", "--out", str(tmp_path / "s"), "--cases", "1", "--labels", "flu"]) == 2
+    assert "unknown class" in capsys.readouterr().err
+    assert cli.main(["synth", "--out", str(tmp_path / "s"), "--cases", "2", "--labels", "cap,healthy",
+                     "--matrix", "128", "--slices", "30", "--formats", "nifti", "--seed", "3"]) == 0
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [row["label"] for row in manifest] == ["cap", "healthy"]
+    truth = json.loads((tmp_path / "s" / manifest[0]["case_id"] / "truth.json").read_text())
+    assert truth["label"] == "cap" and len(truth["slice_lesion_labels"]) == 30
+    assert truth["lesion_volume_ratio"] > 0
+    assert "synthetic" in truth["data_source"]
