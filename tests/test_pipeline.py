@@ -146,7 +146,7 @@ def test_rule_labels_follow_the_papers_findings():
     assert classify_by_rule(h1n1)["label"] == "other_viral"
     # the same CAP picture split evenly over both lungs is no longer "unilateral"
     cap_unilateral = classify_by_rule(dict(cap, lesion_volume_in_lung_ml={"total": 120.0, "right": 120.0, "left": 0.0}))
-    assert "unilateral" in cap_unilateral["rule_evidence"]["cap"]
+    assert any(r.startswith("unilateral") for r in cap_unilateral["rule_evidence"]["cap"])
     r = classify_by_rule(covid)
     assert "bilateral" in r["rule_evidence"]["covid19"]
     assert r["abnormal_probability"] > 0.99 and r["model"]["calibrated"] is False

@@ -61,8 +61,9 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     timing["lesions"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
     q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
-                 peripheral_thickness_mm=opts.peripheral_thickness_mm)
+                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
     lesion_area = per_slice_lesion_area_mm2(finding.mask, study.spacing)
     lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
     lesion_prob = lesion_probability_from_area(lesion_area, lung_area)

@@ -46,7 +46,8 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
     in_lung = q.get("lesion_volume_in_lung_ml") or {}
     right, left = float(in_lung.get("right") or 0.0), float(in_lung.get("left") or 0.0)
     both = right + left
-    bilateral = both > 0 and min(right, left) >= 0.15 * both  # each side holds a real share of the disease
+    # each side holds a real share of the disease (and the quantification's own >= 1 mL per lung, when given)
+    bilateral = both > 0 and min(right, left) >= 0.15 * both and q.get("bilateral_involvement", True) is not False
 
     reasons: dict[str, list[str]] = {"covid19": [], "cap": [], "other_viral": []}
     scores = {"covid19": 0.0, "cap": 0.0, "other_viral": 0.0}
@@ -79,7 +80,7 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
         add("covid19", 1.0, "bilateral")
         add("other_viral", 0.5, "bilateral")
     else:
-        add("cap", 1.0, "unilateral")
+        add("cap", 1.0, "unilateral (one lung holds > 85% of the lesion volume)")
     if small >= 5:
         add("other_viral", 1.0, f"{small} small (< 1 mL) nodular lesions")
 
