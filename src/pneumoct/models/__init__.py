@@ -1,0 +1,48 @@
+"""Networks, one paper family per file, built by name from a small registry.
+
+    from pneumoct.models import build_model, list_models
+    net = build_model("multiscale_cam", num_classes=3)
+
+Each family file registers its builders with :func:`register`. Importing this package imports the family files
+that exist, so ``list_models()`` shows everything shipped.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``@register("m3lung_slice")`` on a builder function returning an ``nn.Module``."""
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"model name {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def build_model(name: str, **kwargs: Any) -> Any:
+    _load_families()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def list_models() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+_FAMILIES = ("multiscale_cam", "m3lung", "jcs")
+
+
+def _load_families() -> None:
+    for fam in _FAMILIES:
+        try:
+            importlib.import_module(f"{__name__}.{fam}")
+        except ModuleNotFoundError as exc:  # a family file not written yet
+            if exc.name != f"{__name__}.{fam}":
+                raise
