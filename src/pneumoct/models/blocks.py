@@ -78,6 +78,16 @@ RESNET_SPECS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
+def init_conv_bn(module: nn.Module) -> None:
+    """He-normal (fan-out) convolutions, unit/zero BatchNorm: the usual ResNet-family initialisation."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
     """ResNet trunk returning the four stage outputs.
 
@@ -124,12 +134,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*mods)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         # zero-init the last BN of each residual branch (Goyal et al.): blocks start as identities
         for m in self.modules():
             if isinstance(m, Bottleneck):

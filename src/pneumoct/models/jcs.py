@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
+from .blocks import init_conv_bn
 
 __all__ = [
     "Res2NetBottle2neck", "Res2Net", "JCSClassifier", "jcs_classifier", "jcs_classifier_cpu",
@@ -114,12 +115,7 @@ class Res2Net(nn.Module):
         self.layer3 = self._make_layer(planes[2], layers[2], stage_strides[2])
         self.layer4 = self._make_layer(planes[3], layers[3], stage_strides[3])
         self.out_channels = [stem_out] + [p * Res2NetBottle2neck.expansion for p in planes]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         exp = Res2NetBottle2neck.expansion
