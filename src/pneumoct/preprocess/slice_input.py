@@ -1,0 +1,131 @@
+"""The one path from an axial slice to a 2D network input, shared by training and ``diagnose``.
+
+Every 2D model in pneumoct sees the same thing: the slice cropped to its lungs and resized to a square
+``size x size`` grid (M3Lung-Sys Sec. III-A-1, Step 6: bounding rectangle of the lungs + margin, crop,
+resize; aspect ratio not kept, as in the paper). What differs between sources is only where the lung mask
+comes from (our 3D lung mask for CT volumes, the dataset's lung mask or :func:`segment_lungs_2d` for 8-bit
+2D images) and whether the pixels are Hounsfield units (windowed later, so training can jitter the window) or
+grey levels already windowed by the exporter.
+
+Keeping this in one function is the point: a model trained on crops made one way and run on crops made
+another way is silently wrong.
+
+Shapes: ``image`` (Y, X) HU or grey; ``lung`` (Y, X) bool; output ``(size, size)`` float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .lung_crop import BBox, crop_to_box, expand_bbox, mask_bbox, uncrop_to_slice
+from .resample import zoom_to_shape
+from .windowing import M3LUNG_WIDTH, apply_window
+
+__all__ = [
+    "DEFAULT_INPUT_SIZE",
+    "DEFAULT_MARGIN_FRACTION",
+    "MIN_LUNG_PIXELS",
+    "LESION_MODEL_WINDOW",
+    "SliceCrop",
+    "lung_slice_box",
+    "crop_slice",
+    "crop_volume_slices",
+    "window_input",
+    "grey_to_unit",
+    "map_back_to_slice",
+]
+
+DEFAULT_INPUT_SIZE = 128  # CPU setting; the papers use 224 (M3Lung-Sys, JCS) and 512 (Hu et al.)
+# 3 % of the slice side: 15 px on a 512 matrix, 8 px on 256 (M3Lung-Sys Step 6 uses 10 px on its slices).
+DEFAULT_MARGIN_FRACTION = 0.03
+MIN_LUNG_PIXELS = 0.002  # fraction of the slice: less lung than this and the slice is not offered to a model
+# The window used for HU inputs when no other is asked: M3Lung-Sys centre -600, width 1200 (Sec. III-A-2).
+LESION_MODEL_WINDOW = (-600.0, M3LUNG_WIDTH)
+
+
+@dataclass
+class SliceCrop:
+    """A lung-cropped slice. ``box`` = (r0, r1, c0, c1) half-open in slice pixels; ``image`` (size, size)."""
+
+    box: BBox
+    image: np.ndarray
+    slice_shape: tuple[int, int]
+    mask: np.ndarray | None = None  # an optional label mask (e.g. lesions) cropped the same way, uint8
+
+
+def lung_slice_box(lung: np.ndarray, margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+                   min_fraction: float = MIN_LUNG_PIXELS) -> BBox | None:
+    """Box of the lung pixels of one slice grown by ``margin_fraction`` of the slice side; None if too little lung."""
+    lung = np.asarray(lung, dtype=bool)
+    if lung.ndim != 2:
+        raise ValueError(f"expected a 2D lung mask, got shape {lung.shape}")
+    if lung.sum() < max(1.0, float(min_fraction) * lung.size):
+        return None
+    tight = mask_bbox(lung)
+    if tight is None:
+        return None
+    margin = int(round(float(margin_fraction) * max(lung.shape)))
+    return expand_bbox(tight, margin, lung.shape)
+
+
+def crop_slice(image: np.ndarray, lung: np.ndarray, size: int = DEFAULT_INPUT_SIZE, *,
+               mask: np.ndarray | None = None, box: Sequence[int] | None = None,
+               margin_fraction: float = DEFAULT_MARGIN_FRACTION) -> SliceCrop | None:
+    """Crop ``image`` (HU or grey, (Y, X)) to the lungs of ``lung`` and resize to ``(size, size)``.
+
+    ``mask`` (same shape, labels) is cropped with nearest-neighbour resizing. ``box`` overrides the lung box.
+    Returns None when the slice holds too little lung to be worth classifying.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):  # RGB exports → grey
+        image = image[..., :3].astype(np.float32).mean(axis=-1)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2D slice, got shape {image.shape}")
+    if box is None:
+        box = lung_slice_box(lung, margin_fraction)
+        if box is None:
+            return None
+    box = tuple(int(v) for v in box)
+    crop = zoom_to_shape(crop_to_box(image.astype(np.float32), box), (size, size), order=1).astype(np.float32)
+    cropped_mask = None
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != image.shape:
+            raise ValueError(f"mask shape {m.shape} differs from image shape {image.shape}")
+        cropped_mask = zoom_to_shape(crop_to_box(m.astype(np.uint8), box), (size, size), order=0).astype(np.uint8)
+    return SliceCrop(box=box, image=crop, slice_shape=(int(image.shape[0]), int(image.shape[1])), mask=cropped_mask)
+
+
+def crop_volume_slices(hu: np.ndarray, lung: np.ndarray, size: int = DEFAULT_INPUT_SIZE, *,
+                       masks: np.ndarray | None = None,
+                       margin_fraction: float = DEFAULT_MARGIN_FRACTION) -> tuple[np.ndarray, list[SliceCrop | None]]:
+    """Crop every slice of a (Z, Y, X) volume. Returns ``(z_indices, crops)``; ``crops[i]`` is None when
+    slice i has too little lung; ``z_indices`` lists the slices that have a crop."""
+    hu = np.asarray(hu)
+    lung = np.asarray(lung)
+    if hu.ndim != 3 or lung.shape != hu.shape:
+        raise ValueError(f"need a (Z, Y, X) volume and a lung mask of the same shape, got {hu.shape} / {lung.shape}")
+    crops: list[SliceCrop | None] = []
+    for k in range(hu.shape[0]):
+        crops.append(crop_slice(hu[k], lung[k] > 0, size, mask=None if masks is None else masks[k],
+                                margin_fraction=margin_fraction))
+    z = np.array([k for k, c in enumerate(crops) if c is not None], dtype=np.int64)
+    return z, crops
+
+
+def window_input(hu_crop: np.ndarray, center: float = LESION_MODEL_WINDOW[0],
+                 width: float = LESION_MODEL_WINDOW[1]) -> np.ndarray:
+    """HU crop → [0, 1] float32 through a window (the network input)."""
+    return apply_window(np.asarray(hu_crop, dtype=np.float32), center, width).astype(np.float32)
+
+
+def grey_to_unit(grey_crop: np.ndarray) -> np.ndarray:
+    """8-bit grey crop (already windowed by its exporter) → [0, 1] float32."""
+    return np.clip(np.asarray(grey_crop, dtype=np.float32) / 255.0, 0.0, 1.0)
+
+
+def map_back_to_slice(crop_map: np.ndarray, crop: SliceCrop, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """A map on the (size, size) crop grid (heat map, mask) → the full slice grid, registered to the slice."""
+    return uncrop_to_slice(crop_map, crop.box, crop.slice_shape, order=order, fill=fill)
