@@ -38,7 +38,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .pipeline import DiagnoseOptions, diagnose
     from .io.writers import write_json
 
-    opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report)
+    opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report,
+                           use_learned_models=not getattr(args, "no_models", False))
     out = Path(args.out)
     if len(args.inputs) == 1:
         result = diagnose(args.inputs[0], out, opts)
@@ -106,6 +107,28 @@ def cmd_crop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate.run import evaluate_predictions, metrics_text, read_predictions_csv, write_predictions_csv
+
+    if args.predictions:
+        pred = read_predictions_csv(args.predictions)
+        note = f"predictions file {Path(args.predictions).name}"
+    else:
+        if not args.data or ":" not in args.data:
+            raise PneumoctInputError("bad_arguments", "--checkpoint needs --data KIND:PATH")
+        from .evaluate.from_checkpoint import predict_checkpoint
+
+        pred, note = predict_checkpoint(args.checkpoint, args.data, level=args.level)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_predictions_csv(Path(args.out) / "predictions.csv", pred)
+    compare = read_predictions_csv(args.compare) if args.compare else None
+    metrics = evaluate_predictions(pred, args.out, compare=compare, n_boot=args.bootstrap, seed=args.seed,
+                                   data_note=note)
+    print(metrics_text(metrics), end="")
+    print(f"written: {Path(args.out) / 'metrics.json'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoct", description="Explainable pneumonia screening from chest CT "
                                      "(research use only; not a medical device).")
@@ -121,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peripheral-thickness-mm", type=float, default=10.0,
                    help="peripheral band for the DeepSC-COVID peripheral lesion ratio (default 10 mm)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-models", action="store_true",
+                   help="classical path only: no learned model (threshold lesion score, rule diagnosis)")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("synth", help="write synthetic chest-CT phantoms with ground truth (NIfTI + DICOM)")
@@ -139,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=224, help="output size in pixels (square)")
     p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("evaluate", help="metrics of predictions (or of a checkpoint on data): per-class, FPE/FNE/FDPE, "
+                       "ROC, bootstrap CIs and p-values, results by lesion volume ratio")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", help="predictions CSV (case_id, y_true, prob_<class>..., [lesion_volume_ratio])")
+    src.add_argument("--checkpoint", help="a trained model folder (model.safetensors + model.json) to run on --data")
+    p.add_argument("--data", help="with --checkpoint: KIND:PATH, KIND in phantom_cohort, manifest, covid_ct_md, "
+                   "covid19_ct_seg_png, medseg")
+    p.add_argument("--level", choices=["slice", "patient"], default="slice",
+                   help="with --checkpoint: score slices, or patients (slice probabilities averaged)")
+    p.add_argument("--compare", help="a second predictions CSV on the same cases: paired bootstrap p-values")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, metrics.txt, roc.png")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="describe an input (series found, the one chosen, warnings) without analysing")
     p.add_argument("input")

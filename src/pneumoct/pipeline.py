@@ -17,6 +17,7 @@ from . import __version__
 from .errors import PneumoctInputError
 from .io import read_study
 from .io.writers import write_json, write_text, write_volume
+from .learned import LearnedOutput, load_bundled_models, run_learned_models
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
 from .report.html import build_report
@@ -34,6 +35,8 @@ class DiagnoseOptions:
     lung_params: LungMaskParams = field(default_factory=LungMaskParams)
     write_report: bool = True
     write_masks: bool = True
+    use_learned_models: bool = True  # the bundled models (pneumoct.learned); False = classical path only
+    weights_dir: str | None = None   # None = bundled weights (or $PNEUMOCT_WEIGHTS)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class DiagnoseOutput:
     study: StudyVolume
     lung_labels: np.ndarray
     lesion_mask: np.ndarray
+    learned: LearnedOutput = field(default_factory=LearnedOutput)
 
 
 def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
@@ -73,36 +77,66 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     patient = classify_by_rule(q)
     timing["classify"] = time.perf_counter() - t
 
+    learned = LearnedOutput()
+    if opts.use_learned_models:
+        t = time.perf_counter()
+        models = load_bundled_models(opts.weights_dir)
+        timing["load_models"] = time.perf_counter() - t
+        if models:
+            t = time.perf_counter()
+            learned = run_learned_models(study.hu, lungs.labels, models)
+            timing["learned_models"] = time.perf_counter() - t
+    if learned.patient_probabilities is not None:
+        patient = learned_patient_result(learned, rule_result=patient)
+
     slices = []
-    for info, area, prob in zip(study.slices, lesion_area, lesion_prob):
+    for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, lesion_prob)):
         entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
         if info.sop_instance_uid:
             entry["sop_instance_uid"] = info.sop_instance_uid
         if info.frame_number is not None:
             entry["frame_number"] = info.frame_number
-        entry["lesion_probability"] = round(float(prob), 4)
+        if learned.lesion_probability is not None:
+            p = learned.lesion_probability[k]
+            entry["lesion_probability"] = 0.0 if np.isnan(p) else round(float(p), 4)  # no lung: no lung lesion
+            entry["lung_in_slice"] = bool(not np.isnan(p))
+        else:
+            entry["lesion_probability"] = round(float(prob), 4)
+        entry["threshold_lesion_score"] = round(float(prob), 4)
         entry["lesion_area_mm2"] = round(float(area), 2)
+        if learned.slice_class_probabilities is not None:
+            cp = learned.slice_class_probabilities[k]
+            entry["class_probabilities"] = None if np.isnan(cp).any() else {
+                name: round(float(v), 4) for name, v in zip(CLASS_NAMES, cp)}
         slices.append(entry)
 
     lesions = q.pop("lesions", [])
+    models_used = {
+        "lungs": "classical 3D lung segmentation (pneumoct.preprocess.lung_mask, no training)",
+        "lesions": finding.method,
+        "slice_lesion_probability": f"{finding.method}: lesion area per slice mapped to [0, 1] "
+        "(not a learned probability)",
+        "patient": patient["model"]["name"],
+    }
+    if learned.lesion_probability is not None:
+        models_used["slice_lesion_probability"] = (
+            "lesion_presence (learned, trained on real CT slices; see models.learned.lesion_presence); "
+            "0 for slices without lung")
+    if learned.slice_class_probabilities is not None:
+        models_used["slice_class_probabilities"] = "m3lung_slice (learned, trained on synthetic phantoms only)"
+    if learned.provenance:
+        models_used["learned"] = learned.provenance
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "pneumoct_version": __version__,
-        "data_note": "No learned model was used: lungs by a classical algorithm, lesions by the HU threshold "
-        "baseline, diagnosis by an explicit rule on the measurements.",
+        "data_note": _data_note(learned),
         "input": {
             "format": study.source_format,
             "warnings": [w.to_dict() for w in study.warnings],
             "metadata": study.metadata,
         },
         "volume": study.geometry_dict(),
-        "models": {
-            "lungs": "classical 3D lung segmentation (pneumoct.preprocess.lung_mask, no training)",
-            "lesions": finding.method,
-            "slice_lesion_probability": f"{finding.method}: lesion area per slice mapped to [0, 1] "
-            "(not a learned probability)",
-            "patient": patient["model"]["name"],
-        },
+        "models": models_used,
         "lung_segmentation": lungs.info,
         "slices": slices,
         "patient": patient,
@@ -111,7 +145,43 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "class_names": list(CLASS_NAMES),
         "timing_s": timing,
     }
-    return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask)
+    return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask,
+                          learned=learned)
+
+
+def _data_note(learned: LearnedOutput) -> str:
+    if not learned.provenance:
+        return ("No learned model was used: lungs by a classical algorithm, lesions by the HU threshold baseline, "
+                "diagnosis by an explicit rule on the measurements.")
+    parts = ["Lungs by a classical algorithm; lesion masks and measurements by the HU threshold baseline."]
+    if learned.lesion_probability is not None:
+        parts.append("Per-slice lesion probability and CAM maps: a network trained on real public CT data "
+                     "(few patients; validation figures in its model card), not clinically validated.")
+    if learned.patient_probabilities is not None:
+        parts.append("Patient class and per-slice class probabilities: the M3Lung-Sys networks trained on "
+                     "SYNTHETIC phantoms only; their output on real scans is not a clinical diagnosis.")
+    return " ".join(parts)
+
+
+def learned_patient_result(learned: LearnedOutput, rule_result: dict[str, Any]) -> dict[str, Any]:
+    """The patient block from the M3Lung-Sys patient network, with the rule's result kept beside it."""
+    probs = {name: round(float(p), 4) for name, p in zip(CLASS_NAMES, learned.patient_probabilities)}
+    label = max(CLASS_NAMES, key=lambda k: probs[k])
+    prov = learned.provenance.get("m3lung_patient", {})
+    return {
+        "label": label,
+        "probabilities": probs,
+        "abnormal_probability": round(1.0 - probs["healthy"], 4),
+        "model": {
+            "name": "m3lung_patient",
+            "kind": "learned (M3Lung-Sys patient-level network on M3Lung-Sys slice-network features)",
+            "trained_on": prov.get("trained_on", "synthetic phantoms"),
+            "calibrated": False,
+            "note": "trained on synthetic phantoms only: not clinical accuracy",
+        },
+        "rule_result": {k: rule_result[k] for k in ("label", "probabilities", "abnormal_probability", "model")
+                        if k in rule_result},
+    }
 
 
 def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptions | None = None) -> dict[str, Any]:
@@ -141,7 +211,7 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
     if opts.write_report:
         t = time.perf_counter()
         timing["total"] = time.perf_counter() - t_total  # provisional, for the report
-        html = build_report(out.result, study, out.lung_labels, out.lesion_mask)
+        html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned)
         write_text(out_dir / "report.html", html)
         written.append("report.html")
         timing["report"] = time.perf_counter() - t

@@ -36,8 +36,49 @@ def gallery_indices(n_slices: int, lung_slices: np.ndarray, max_images: int = 16
     return list(range(lo, hi + 1, step)), step
 
 
+def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max_slices: int = 6) -> list[dict]:
+    """The slices the lesion model is most sure about, each drawn plain, with the CAM of the real-data lesion
+    model (+ boxes from it, Hu et al. box extraction) and with the M3Lung-Sys prototype map (synthetic-trained)."""
+    if learned is None or learned.lesion_probability is None:
+        return []
+    from ..explain.boxes import boxes_from_saliency, draw_boxes_rgb, overlay_map_rgb
+    from .render import window_to_uint8
+
+    p = np.nan_to_num(learned.lesion_probability, nan=-1.0)
+    order = [int(z) for z in np.argsort(-p, kind="stable") if p[z] >= 0.5][:max_slices]
+    aspect = float(study.spacing[1]) / float(study.spacing[2])
+    panels = []
+    for z in sorted(order):
+        grey = window_to_uint8(study.hu[z])
+        images = []
+        cam = learned.slice_map("cam", z)
+        if cam is not None:
+            rgb = overlay_map_rgb(grey, cam)
+            boxes = boxes_from_saliency(cam)
+            rgb = draw_boxes_rgb(rgb, boxes, colour=(0, 255, 0), thickness=2)
+            images.append({"uri": png_data_uri(_resize_rgb(rgb, aspect)),
+                           "caption": f"CAM, lesion model (real-data), {len(boxes)} box(es)"})
+        proto = learned.slice_map("prototype", z)
+        if proto is not None:
+            images.append({"uri": png_data_uri(_resize_rgb(overlay_map_rgb(grey, proto), aspect)),
+                           "caption": "M3Lung-Sys prototype map (synthetic-trained)"})
+        if images:
+            panels.append({"index": z, "position_mm": result["slices"][z]["position_mm"],
+                           "lesion_probability": float(p[z]), "images": images})
+    return panels
+
+
+def _resize_rgb(rgb: np.ndarray, aspect: float, max_size: int = 256) -> np.ndarray:
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = max_size / max(h * aspect, w)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * aspect * scale))))
+    return np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BILINEAR))
+
+
 def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.ndarray,
-                 lesion_mask: np.ndarray) -> str:
+                 lesion_mask: np.ndarray, learned=None) -> str:
     slices = result["slices"]
     q = result["quantification"]
     idx, step = gallery_indices(study.shape[0], lung_labels.any(axis=(1, 2)))
@@ -98,4 +139,6 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         curve_svg=curve_svg(probs, marks=idx, y_max=1.0), slice_prob_source=result["models"]["slice_lesion_probability"],
         step=step, gallery=gallery, warnings=inp.get("warnings") or [], input_rows=input_rows,
         timing=result["timing_s"], version=__version__, schema_version=result["schema_version"],
+        map_panels=location_map_panels(result, study, learned), learned_models=(result["models"].get("learned") or {}),
+        rule_result=patient.get("rule_result"),
     )

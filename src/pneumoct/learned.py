@@ -1,0 +1,240 @@
+"""Learned models inside ``diagnose``: load the bundled checkpoints and run them on a study.
+
+Three bundled models (``src/pneumoct/weights/<name>/model.safetensors + model.json``; see
+``docs/models.md`` and the model cards beside them):
+
+- ``lesion_presence``: per-slice lesion / no lesion, Hu et al. multi-scale CAM network (CPU widths, 2 classes),
+  trained on **real** data only (the three COVID-CT-MD studies with radiologist slice labels, COVID-19-CT-Seg
+  PNG slices, MedSeg slices). Gives each slice's ``lesion_probability`` and a CAM location map.
+- ``m3lung_slice`` + ``m3lung_patient``: the M3Lung-Sys pair (4 classes), trained on **synthetic phantoms**
+  only. Gives per-slice class probabilities, the prototype location map, and the patient-level class.
+
+Every 2D input goes through :mod:`pneumoct.preprocess.slice_input` (per-slice lung box from our 3D lung mask,
+resize to the model's input size, HU window), the same path the training tables were built with.
+
+``PNEUMOCT_WEIGHTS`` (a folder with the same layout) overrides the bundled folder; a missing model is skipped
+and the result says so (``diagnose`` then falls back to the threshold baseline and the rule).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .preprocess.slice_input import SliceCrop, crop_volume_slices, map_back_to_slice, window_input
+from .preprocess.windowing import M3LUNG_INFERENCE_CENTERS, M3LUNG_WIDTH
+from .types import CLASS_NAMES
+
+log = logging.getLogger("pneumoct.learned")
+
+__all__ = ["BundledModel", "LearnedOutput", "bundled_weights_dir", "load_bundled_models", "run_learned_models",
+           "MODEL_KEYS"]
+
+MODEL_KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient")
+
+
+def bundled_weights_dir() -> Path:
+    env = os.environ.get("PNEUMOCT_WEIGHTS")
+    return Path(env) if env else Path(__file__).resolve().parent / "weights"
+
+
+@dataclass
+class BundledModel:
+    key: str
+    model: Any
+    info: dict
+    path: Path
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.info.get("meta") or {})
+
+    def provenance(self) -> dict:
+        m = self.meta
+        return {
+            "name": self.key,
+            "architecture": self.info.get("model_name"),
+            "checkpoint": self.path.name,
+            "sha256": self.info.get("sha256"),
+            "trained_on": m.get("trained_on", "unknown"),
+            "data_kind": m.get("data_kind", "unknown"),
+            "validation": m.get("validation_summary"),
+        }
+
+
+@lru_cache(maxsize=4)
+def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
+    from .train.checkpoint import load_checkpoint  # torch only when a model is needed
+
+    out = []
+    for key in MODEL_KEYS:
+        d = Path(weights_dir) / key
+        if not (d / "model.json").is_file():
+            log.info("bundled model %s not found in %s", key, weights_dir)
+            continue
+        model, info = load_checkpoint(d)
+        model.eval()
+        out.append((key, BundledModel(key=key, model=model, info=info, path=d)))
+    return tuple(out)
+
+
+def load_bundled_models(weights_dir: str | Path | None = None) -> dict[str, BundledModel]:
+    """The bundled models found (loaded once per process and folder)."""
+    return dict(_load_cached(str(Path(weights_dir) if weights_dir else bundled_weights_dir())))
+
+
+@dataclass
+class LearnedOutput:
+    """What the learned models said about one study. Arrays are per slice of the study (Z,); NaN where the
+    slice held too little lung to be offered to a model."""
+
+    lesion_probability: np.ndarray | None = None          # (Z,) real-data lesion-presence model
+    slice_class_probabilities: np.ndarray | None = None   # (Z, 4) M3Lung-Sys slice net (synthetic-trained)
+    slice_lesion_probability_m3lung: np.ndarray | None = None  # (Z,) its multi-task lesion head
+    patient_probabilities: np.ndarray | None = None       # (4,) M3Lung-Sys patient net (synthetic-trained)
+    crops: list[SliceCrop | None] = field(default_factory=list)
+    cam_maps: dict[int, np.ndarray] = field(default_factory=dict)        # z -> (S, S) crop-grid CAM in [0, 1]
+    prototype_maps: dict[int, np.ndarray] = field(default_factory=dict)  # z -> (S, S) crop-grid map in [0, 1]
+    provenance: dict[str, dict] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def slice_map(self, kind: str, z: int) -> np.ndarray | None:
+        """A location map registered to slice ``z`` of the study (full slice grid), or None."""
+        maps = self.cam_maps if kind == "cam" else self.prototype_maps
+        crop = self.crops[z] if 0 <= z < len(self.crops) else None
+        if z not in maps or crop is None:
+            return None
+        return map_back_to_slice(maps[z].astype(np.float32), crop)
+
+
+def _batches(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+def _normalise_maps(m: np.ndarray) -> np.ndarray:
+    lo = m.reshape(len(m), -1).min(1)[:, None, None]
+    hi = m.reshape(len(m), -1).max(1)[:, None, None]
+    return ((m - lo) / np.maximum(hi - lo, 1e-8)).astype(np.float32)
+
+
+def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
+                       batch_size: int = 32, keep_maps: bool = True) -> LearnedOutput:
+    """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation)."""
+    import torch
+
+    out = LearnedOutput()
+    z_total = hu.shape[0]
+    if not models:
+        return out
+    sizes = {int(m.meta.get("input_size", 128)) for k, m in models.items() if k != "m3lung_patient"}
+    if len(sizes) > 1:
+        raise ValueError(f"bundled 2D models disagree on input size: {sorted(sizes)}")
+    size = sizes.pop() if sizes else 128
+    t = time.perf_counter()
+    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, size)
+    out.crops = crops
+    out.timing["crop"] = time.perf_counter() - t
+    if z_idx.size == 0:
+        return out
+    hu_crops = np.stack([crops[k].image for k in z_idx]).astype(np.float32)  # (N, S, S) HU
+
+    with torch.inference_mode():
+        lesion = models.get("lesion_presence")
+        if lesion is not None:
+            t = time.perf_counter()
+            c, w = lesion.meta.get("window", [-600.0, 1200.0])
+            x_all = torch.from_numpy(window_input(hu_crops, float(c), float(w)))[:, None]
+            ch = int(lesion.meta.get("channels", 1))
+            if ch > 1:
+                x_all = x_all.expand(-1, ch, -1, -1)
+            probs, cams = [], []
+            for b in _batches(len(x_all), batch_size):
+                res = lesion.model(x_all[b].contiguous())
+                probs.append(torch.softmax(res["logits"], 1)[:, 1].numpy())
+                if keep_maps:
+                    cams.append(_cam_from_output(res, x_all.shape[-2:]))
+            p = np.full(z_total, np.nan, np.float32)
+            p[z_idx] = np.concatenate(probs)
+            out.lesion_probability = p
+            if keep_maps:
+                cam = np.concatenate(cams)
+                out.cam_maps = {int(k): cam[i].astype(np.float16) for i, k in enumerate(z_idx)}
+            out.provenance["lesion_presence"] = lesion.provenance()
+            out.timing["lesion_presence"] = time.perf_counter() - t
+
+        m3 = models.get("m3lung_slice")
+        if m3 is not None:
+            t = time.perf_counter()
+            centers = m3.meta.get("window_centers") or list(M3LUNG_INFERENCE_CENTERS)
+            width = float(m3.meta.get("window_width", M3LUNG_WIDTH))
+            ch = int(m3.meta.get("channels", 3))
+            cls_sum = les_sum = feat_sum = map_sum = None
+            # M3Lung-Sys Sec. III-A-2: at inference the window centre is -700/-600/-500 (width 1200) and the
+            # predicted scores and features are averaged over the three windows.
+            for c in centers:
+                x_all = torch.from_numpy(window_input(hu_crops, float(c), width))[:, None].expand(-1, ch, -1, -1)
+                cls_p, les_p, feats, maps = [], [], [], []
+                for b in _batches(len(x_all), batch_size):
+                    res = m3.model(x_all[b].contiguous())
+                    cls_p.append(torch.softmax(res["class_logits"], 1).numpy())
+                    if res.get("lesion_logits") is not None:
+                        les_p.append(torch.softmax(res["lesion_logits"], 1)[:, 1].numpy())
+                    feats.append(res["features"].numpy())
+                    if keep_maps and res.get("location_map_full") is not None:
+                        maps.append(res["location_map_full"].numpy())
+                cls_sum = _acc(cls_sum, np.concatenate(cls_p))
+                feat_sum = _acc(feat_sum, np.concatenate(feats))
+                if les_p:
+                    les_sum = _acc(les_sum, np.concatenate(les_p))
+                if maps:
+                    map_sum = _acc(map_sum, np.concatenate(maps))
+            n_w = float(len(centers))
+            cp = np.full((z_total, len(CLASS_NAMES)), np.nan, np.float32)
+            cp[z_idx] = cls_sum / n_w
+            out.slice_class_probabilities = cp
+            if les_sum is not None:
+                lp = np.full(z_total, np.nan, np.float32)
+                lp[z_idx] = les_sum / n_w
+                out.slice_lesion_probability_m3lung = lp
+            if map_sum is not None:
+                mp = _normalise_maps(map_sum / n_w)
+                out.prototype_maps = {int(k): mp[i].astype(np.float16) for i, k in enumerate(z_idx)}
+            out.provenance["m3lung_slice"] = m3.provenance()
+            out.timing["m3lung_slice"] = time.perf_counter() - t
+
+            patient = models.get("m3lung_patient")
+            if patient is not None:
+                t = time.perf_counter()
+                feats = torch.from_numpy((feat_sum / n_w).astype(np.float32))[None]  # (1, N, D) slices in order
+                res = patient.model(feats)
+                out.patient_probabilities = torch.softmax(res["logits"], 1)[0].numpy().astype(np.float64)
+                out.provenance["m3lung_patient"] = patient.provenance()
+                out.timing["m3lung_patient"] = time.perf_counter() - t
+    return out
+
+
+def _acc(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) if total is None else total + x
+
+
+def _cam_from_output(res: dict, hw) -> np.ndarray:
+    """Joint CAM of the lesion class from a multi-scale CAM forward output: each scale's class-1 score map
+    upsampled to the input, min-max normalised, multiplied (Hu et al., joint localisation)."""
+    import torch
+    import torch.nn.functional as F
+
+    joint = None
+    for m in res["maps"].values():
+        up = F.interpolate(m[:, 1:2].float(), size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
+        lo = up.flatten(1).amin(1)[:, None, None]
+        hi = up.flatten(1).amax(1)[:, None, None]
+        up = (up - lo) / (hi - lo).clamp_min(1e-8)
+        joint = up if joint is None else joint * up
+    return joint.numpy() if isinstance(joint, torch.Tensor) else np.zeros((0,) + tuple(hw), np.float32)
