@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .preprocess.slice_input import SliceCrop, crop_volume_slices, map_back_to_slice, window_input
+from .preprocess.slice_input import SliceCrop, crop_slice, crop_volume_slices, map_back_to_slice, window_input
 from .preprocess.windowing import M3LUNG_INFERENCE_CENTERS, M3LUNG_WIDTH
 from .types import CLASS_NAMES
 
@@ -133,24 +133,29 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     z_total = hu.shape[0]
     if not models:
         return out
-    sizes = {int(m.meta.get("input_size", 128)) for k, m in models.items() if k != "m3lung_patient"}
-    if len(sizes) > 1:
-        raise ValueError(f"bundled 2D models disagree on input size: {sorted(sizes)}")
-    size = sizes.pop() if sizes else 128
     t = time.perf_counter()
-    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, size)
+    # one lung box per slice (independent of the models' input sizes); each model gets its own resize of it
+    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, 8)
     out.crops = crops
-    out.timing["crop"] = time.perf_counter() - t
     if z_idx.size == 0:
         return out
-    hu_crops = np.stack([crops[k].image for k in z_idx]).astype(np.float32)  # (N, S, S) HU
+    hu_by_size: dict[int, np.ndarray] = {}
+
+    def hu_crops(size: int) -> np.ndarray:  # (N, S, S) HU, same boxes as ``crops``
+        if size not in hu_by_size:
+            hu_by_size[size] = np.stack([
+                crop_slice(hu[k], lung_labels[k] > 0, size, box=crops[k].box).image for k in z_idx
+            ]).astype(np.float32)
+        return hu_by_size[size]
+    out.timing["crop"] = time.perf_counter() - t
 
     with torch.inference_mode():
         lesion = models.get("lesion_presence")
         if lesion is not None:
             t = time.perf_counter()
             c, w = lesion.meta.get("window", [-600.0, 1200.0])
-            x_all = torch.from_numpy(window_input(hu_crops, float(c), float(w)))[:, None]
+            x_all = torch.from_numpy(window_input(hu_crops(int(lesion.meta.get("input_size", 96))),
+                                                  float(c), float(w)))[:, None]
             ch = int(lesion.meta.get("channels", 1))
             if ch > 1:
                 x_all = x_all.expand(-1, ch, -1, -1)
@@ -175,11 +180,12 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
             centers = m3.meta.get("window_centers") or list(M3LUNG_INFERENCE_CENTERS)
             width = float(m3.meta.get("window_width", M3LUNG_WIDTH))
             ch = int(m3.meta.get("channels", 3))
+            m3_hu = hu_crops(int(m3.meta.get("input_size", 128)))
             cls_sum = les_sum = feat_sum = map_sum = None
             # M3Lung-Sys Sec. III-A-2: at inference the window centre is -700/-600/-500 (width 1200) and the
             # predicted scores and features are averaged over the three windows.
             for c in centers:
-                x_all = torch.from_numpy(window_input(hu_crops, float(c), width))[:, None].expand(-1, ch, -1, -1)
+                x_all = torch.from_numpy(window_input(m3_hu, float(c), width))[:, None].expand(-1, ch, -1, -1)
                 cls_p, les_p, feats, maps = [], [], [], []
                 for b in _batches(len(x_all), batch_size):
                     res = m3.model(x_all[b].contiguous())

@@ -206,3 +206,12 @@ def build_multiscale_cam_cpu(in_channels: int = 1, num_classes: int = 3,
     """Same topology as the paper, every width halved (16-32-64-128-128), for CPU runs and tests."""
     return MultiScaleCAMNet(in_channels=in_channels, num_classes=num_classes,
                             widths=tuple(w // 2 for w in PAPER_WIDTHS), use_scales=use_scales, **kwargs)
+
+
+@register("multiscale_cam_tiny")
+def build_multiscale_cam_tiny(in_channels: int = 1, num_classes: int = 2,
+                              use_scales: Sequence[str] = ("conv3", "conv4", "conv5"), **kwargs) -> MultiScaleCAMNet:
+    """Same topology, widths quartered (8-16-32-64-64): the bundled CPU lesion-presence model (about 12x fewer
+    multiply-adds than the paper widths; a 96 x 96 slice runs in a few ms on one core)."""
+    return MultiScaleCAMNet(in_channels=in_channels, num_classes=num_classes,
+                            widths=tuple(w // 4 for w in PAPER_WIDTHS), use_scales=use_scales, **kwargs)
