@@ -129,6 +129,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import train_from_config
+
+    metrics = train_from_config(args.config, args.out, resume=args.resume, progress=not args.no_progress,
+                                overrides=args.set)
+    best = metrics.get("best") or {}
+    out = args.out or f"runs/{Path(args.config).stem}"
+    print(f"{out}: trained {len(metrics.get('history', []))} epoch(s); best epoch {best.get('epoch')}: "
+          f"val_acc {best.get('val_acc')}, val_auc {best.get('val_auc')}; checkpoint in {Path(out) / 'best'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoct", description="Explainable pneumonia screening from chest CT "
                                      "(research use only; not a medical device).")
@@ -179,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train a model from a YAML config into a run folder (see docs/training.md)")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, dotted (e.g. --set train.epochs=2); repeatable")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="describe an input (series found, the one chosen, warnings) without analysing")
     p.add_argument("input")

@@ -1,0 +1,365 @@
+"""Training configuration: YAML -> typed dataclasses, with every unknown key refused by name.
+
+    cfg = load_config("configs/m3lung_slice_cpu.yaml", overrides=["train.epochs=2"])
+    config_to_dict(cfg)  # the resolved config, as written to the run folder
+
+Schema (defaults in the dataclasses below; see ``docs/training.md``)::
+
+    model:   {name: multiscale_cam_cpu, kwargs: {num_classes: 4}}
+    task:    slice | patient
+    family:  multiscale_cam | m3lung_slice | jcs | m3lung_patient   (derived from model.name when omitted)
+    data:    {tables: [{kind, path, limit}], size, channels, target, m3lung_rule, cache_dir, window_center,
+              window_width}
+    split:   {val_fraction, seed, kfold, fold}
+    train:   {epochs, batch_size, lr, optimizer, momentum, weight_decay, betas, scheduler, step_size, lr_gamma,
+              balanced_sampling, early_stopping_patience, monitor, seed, max_batches_per_epoch, threads,
+              bn_recalibrate, bn_recalibrate_batches, device}
+    loss:    {focal_gamma, class_weights, lesion_weight, mixup_alpha, lseg_weight}
+    augment: null | {AugmentConfig fields}
+    patient: {slice_checkpoint, window_centers, max_slices, feature_batch_size}
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import PneumoctInputError
+from ..types import CLASS_NAMES
+
+__all__ = ["TrainConfig", "ModelSpec", "DataConfig", "SplitConfig", "TrainOptions", "LossConfig", "PatientConfig",
+           "load_config", "parse_config", "config_to_dict", "apply_overrides", "family_of", "class_names_for",
+           "TARGETS", "FAMILIES"]
+
+FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient")
+# what a row's training label is, from the SliceTable columns
+TARGETS = {
+    "class": None,                                   # class_label as is (CLASS_NAMES order, first K)
+    "lesion": ("no_lesion", "lesion"),               # lesion_label
+    "abnormal": ("healthy", "abnormal"),             # class_label != 0
+    "covid": ("non_covid", "covid19"),               # class_label == 1 (JCS: COVID vs rest)
+    "covid_cap_np": ("non_pneumonia", "covid19", "cap"),  # Hu et al.: other_viral rows dropped
+}
+TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "multiscale_cam_cpu"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    tables: list = field(default_factory=list)
+    size: int = 64
+    channels: int = 1
+    target: str = "class"
+    m3lung_rule: bool = False
+    cache_dir: str | None = None
+    window_center: float = -600.0
+    window_width: float = 1200.0
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.2
+    seed: int = 0
+    kfold: int | None = None
+    fold: int = 0
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "none"
+    step_size: int = 30
+    lr_gamma: float = 0.1
+    balanced_sampling: bool = True
+    early_stopping_patience: int | None = None
+    monitor: str = "val_auc"
+    seed: int = 0
+    max_batches_per_epoch: int | None = None
+    threads: int | None = None
+    bn_recalibrate: str = "epoch"
+    bn_recalibrate_batches: int = 8
+    device: str = "cpu"
+
+
+@dataclass
+class LossConfig:
+    focal_gamma: float = 1.0
+    class_weights: bool = True
+    lesion_weight: float = 1.0
+    mixup_alpha: float = 0.5
+    lseg_weight: float = 0.0
+
+
+@dataclass
+class PatientConfig:
+    slice_checkpoint: str | None = None
+    window_centers: list | None = field(default_factory=lambda: [-700.0, -600.0, -500.0])
+    max_slices: int | None = 64
+    feature_batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: str = "slice"
+    family: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: dict | None = None
+    patient: PatientConfig = field(default_factory=PatientConfig)
+    name: str | None = None
+    notes: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.kwargs.get("num_classes", _default_classes(self.model.name)))
+
+    @property
+    def class_names(self) -> list[str]:
+        return class_names_for(self.data.target, self.num_classes)
+
+
+def _default_classes(model_name: str) -> int:
+    if model_name.startswith("jcs"):
+        return 2
+    if model_name.startswith("multiscale_cam"):
+        return 3
+    return 4
+
+
+def family_of(model_name: str) -> str:
+    if model_name.startswith("multiscale_cam"):
+        return "multiscale_cam"
+    if model_name.startswith("m3lung_slice"):
+        return "m3lung_slice"
+    if model_name.startswith("m3lung_patient"):
+        return "m3lung_patient"
+    if model_name.startswith("jcs"):
+        return "jcs"
+    raise PneumoctInputError("bad_config", f"cannot tell the family of model {model_name!r}; set 'family'")
+
+
+def class_names_for(target: str, k: int) -> list[str]:
+    names = TARGETS.get(target)
+    if names is None:
+        if k > len(CLASS_NAMES):
+            raise PneumoctInputError("bad_config", f"target 'class' has at most {len(CLASS_NAMES)} classes, not {k}")
+        return list(CLASS_NAMES[:k])
+    if len(names) != k:
+        raise PneumoctInputError("bad_config", f"target {target!r} has {len(names)} classes but the model has "
+                                 f"num_classes={k}")
+    return list(names)
+
+
+def _bad(msg: str) -> PneumoctInputError:
+    return PneumoctInputError("bad_config", msg)
+
+
+def _coerce(value: Any, ftype: Any, where: str) -> Any:
+    t = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
+    if value is None:
+        if "None" in t:
+            return None
+        raise _bad(f"{where} must not be empty")
+    base = t.replace(" | None", "").strip()
+    try:
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if base == "list":
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return list(value)
+        if base == "dict":
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise _bad(f"{where} must be {base}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise _bad(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    for k in raw:
+        if k not in known:
+            raise _bad(f"unknown config key '{where + '.' if where else ''}{k}' (known: {', '.join(known)})")
+    kw = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        v = raw[name]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            kw[name] = _build(type(f.default_factory()), v, f"{where + '.' if where else ''}{name}")
+        else:
+            kw[name] = _coerce(v, f.type, f"{where + '.' if where else ''}{name}")
+    return cls(**kw)
+
+
+def _choice(value: Any, options: tuple, where: str) -> None:
+    if value not in options:
+        raise _bad(f"{where} must be one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    _choice(cfg.task, ("slice", "patient"), "task")
+    fam = cfg.family or family_of(cfg.model.name)
+    _choice(fam, FAMILIES, "family")
+    cfg.family = fam
+    if (cfg.task == "patient") != (fam == "m3lung_patient"):
+        raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (patient task = m3lung_patient)")
+    from ..models import list_models
+
+    if cfg.model.name not in list_models():
+        raise _bad(f"unknown model {cfg.model.name!r}; known: {', '.join(list_models())}")
+    d = cfg.data
+    _choice(d.target, tuple(TARGETS), "data.target")
+    if d.size < 16:
+        raise _bad("data.size must be at least 16")
+    _choice(d.channels, (1, 3), "data.channels")
+    for i, spec in enumerate(d.tables):
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise _bad(f"data.tables[{i}] must be a mapping with 'kind' and 'path'")
+        for k in spec:
+            if k not in ("kind", "path", "limit"):
+                raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit)")
+        _choice(spec["kind"], TABLE_KINDS, f"data.tables[{i}].kind")
+        if not spec.get("path") and spec["kind"] in ("phantom_cohort", "manifest"):
+            raise _bad(f"data.tables[{i}].path is missing")
+    if fam != "m3lung_patient":
+        ic = cfg.model.kwargs.setdefault("in_channels", d.channels)
+        if ic != d.channels:
+            raise _bad(f"model.kwargs.in_channels={ic} but data.channels={d.channels}")
+    class_names_for(d.target, cfg.num_classes)
+    s = cfg.split
+    if not 0.0 < s.val_fraction < 1.0 and s.kfold is None:
+        raise _bad("split.val_fraction must be in (0, 1)")
+    if s.kfold is not None and (s.kfold < 2 or not 0 <= s.fold < s.kfold):
+        raise _bad("split.kfold must be >= 2 and 0 <= split.fold < split.kfold")
+    t = cfg.train
+    _choice(t.optimizer, ("adam", "sgd"), "train.optimizer")
+    _choice(t.scheduler, ("none", "step", "cosine"), "train.scheduler")
+    _choice(t.monitor, ("val_auc", "val_acc", "val_loss"), "train.monitor")
+    _choice(t.bn_recalibrate, ("off", "end", "epoch"), "train.bn_recalibrate")
+    _choice(t.device, ("cpu", "cuda", "auto"), "train.device")
+    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
+        raise _bad("train.epochs and train.batch_size must be >= 1 and train.lr > 0")
+    if len(t.betas) != 2:
+        raise _bad("train.betas must be two numbers")
+    if cfg.augment is not None:
+        try:
+            from .augment import AugmentConfig
+        except ImportError:  # pragma: no cover - augment module not present
+            AugmentConfig = None
+        if AugmentConfig is not None:
+            known = {f.name for f in fields(AugmentConfig)}
+            for k in cfg.augment:
+                if k not in known:
+                    raise _bad(f"unknown config key 'augment.{k}' (known: {', '.join(sorted(known))})")
+    if cfg.task == "patient" and not cfg.patient.slice_checkpoint:
+        raise _bad("the patient task needs patient.slice_checkpoint (a trained m3lung_slice checkpoint folder)")
+    return cfg
+
+
+def parse_config(raw: Any, base_dir: str | Path | None = None) -> TrainConfig:
+    """Dict (parsed YAML) -> validated :class:`TrainConfig`. Relative data/checkpoint paths resolve against
+    ``base_dir`` when they do not exist relative to the working directory."""
+    if not isinstance(raw, dict):
+        raise _bad("a training config must be a YAML mapping")
+    raw = copy.deepcopy(raw)
+    cfg = _build(TrainConfig, raw, "")
+    if isinstance(raw.get("model"), dict) and "name" not in raw["model"]:
+        raise _bad("model.name is missing")
+    if base_dir is not None:
+        base = Path(base_dir)
+
+        def fix(p: str | None) -> str | None:
+            if p is None or Path(p).is_absolute() or Path(p).exists():
+                return p
+            alt = base / p
+            return str(alt) if alt.exists() else p
+
+        for spec in cfg.data.tables:
+            if isinstance(spec, dict) and "path" in spec:
+                spec["path"] = fix(str(spec["path"]))
+        cfg.patient.slice_checkpoint = fix(cfg.patient.slice_checkpoint)
+    return _validate(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """``["train.epochs=2", "model.kwargs.num_classes=2"]`` -> nested dict updates (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise _bad(f"--set needs key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise _bad(f"--set needs key=value, got {item!r}")
+        try:
+            val = yaml.safe_load(value)
+        except yaml.YAMLError:
+            val = value
+        node = raw
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise _bad(f"--set {key}: '{p}' is not a section")
+            node = node[p]
+        node[parts[-1]] = val
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise _bad(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise _bad(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if raw is None:
+        raise _bad(f"{p}: empty config")
+    if not isinstance(raw, dict):
+        raise _bad(f"{p}: a training config must be a YAML mapping")
+    raw = apply_overrides(raw, overrides)
+    return parse_config(raw, base_dir=p.parent.parent if p.parent.name == "configs" else p.parent)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
