@@ -72,8 +72,8 @@ def test_slice_shapes(depth, wm, in_ch, hw):
         m = out[k]
         assert m.min() >= 0 and m.max() <= 1
         # min-max normalised: the closest position is 1, the farthest 0
-    assert torch.allclose(out["location_map"].flatten(1).max(1).values, torch.ones(2))
-    assert torch.allclose(out["location_map"].flatten(1).min(1).values, torch.zeros(2), atol=1e-5)
+    assert torch.allclose(out["location_map"].flatten(1).max(1).values, torch.ones(2), atol=1e-3)
+    assert torch.allclose(out["location_map"].flatten(1).min(1).values, torch.zeros(2), atol=1e-3)
 
 
 def test_builders_and_paper_config():
@@ -84,9 +84,23 @@ def test_builders_and_paper_config():
     assert full.lesion_head.weight.shape == (2, 1024)  # the 2 x D prototypes
 
 
-def test_location_map_follows_prototype_distance():
+def test_location_map_cosine_distance_default():
     torch.manual_seed(0)
     net = M3LungSliceNet(depth=10, width_mult=0.25).eval()
+    assert net.map_distance == "cosine"
+    f3 = torch.rand(1, net.trunk.out_channels[2], 3, 3)
+    proto = net.lesion_head.weight[1]
+    f3[0, :, 0, 1] = 7.0 * proto  # same direction as the prototype, far larger norm: still the closest
+    with torch.no_grad():
+        amap = net.location_map(f3, torch.tensor([[0.0, 5.0]]))
+    assert amap[0, 0, 1] == pytest.approx(1.0, abs=1e-3)
+    cos = torch.nn.functional.cosine_similarity(f3[0], proto[:, None, None], dim=0)
+    assert torch.all(torch.diff(amap.flatten()[torch.argsort(-cos.flatten())]) <= 1e-5)
+
+
+def test_location_map_follows_prototype_distance():
+    torch.manual_seed(0)
+    net = M3LungSliceNet(depth=10, width_mult=0.25, map_distance="euclidean").eval()
     f3 = torch.randn(1, net.trunk.out_channels[2], 3, 3)
     logits = torch.tensor([[0.0, 5.0]])  # predicted: with lesion
     proto = net.lesion_head.weight[1]

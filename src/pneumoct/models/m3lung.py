@@ -20,7 +20,9 @@ Non-parametric baselines (Appendix, Eq. 4-5): :func:`non_parametric_assessment`,
 Readings of the paper where the text is ambiguous (the OCR of Eq. 2 and Eq. 4-5 is damaged):
 
 * Location map: "calculate the distance between [the predicted class's prototype] and each point of the
-  image feature". We use the Euclidean distance ``d(p) = ||f(p) - w_c||`` and turn it into a map in
+  image feature". We use the cosine distance ``d(p) = 1 - cos(f(p), w_c)`` by default (``map_distance=
+  "euclidean"`` gives ``||f(p) - w_c||``, which on our toy test was ruled by the feature norm and pointed away
+  from the evidence; see docs/explanations.md) and turn it into a map in
   [0, 1] by per-image min-max normalisation: ``A = 1 - (d - min d) / (max d - min d)`` (closest = 1), as
   CAM maps are usually normalised. The prototype follows the predicted class as the paper says (option
   ``map_prototype="lesion"`` always uses the 'with lesion' prototype instead). The map keeps its gradient
@@ -95,7 +97,7 @@ class M3LungSliceNet(nn.Module):
 
     def __init__(self, depth: int = 50, num_classes: int = 4, in_channels: int = 3, width_mult: float = 1.0,
                  multitask: bool = True, attention: bool = True, coordinates: bool = True,
-                 map_prototype: str = "predicted") -> None:
+                 map_prototype: str = "predicted", map_distance: str = "cosine") -> None:
         super().__init__()
         if attention and not multitask:
             raise ValueError("attention needs multitask=True (the prototypes are the lesion head's weights)")
@@ -103,6 +105,9 @@ class M3LungSliceNet(nn.Module):
             raise ValueError("map_prototype must be 'predicted' or 'lesion'")
         self.multitask, self.attention, self.coordinates = multitask, attention, coordinates
         self.map_prototype = map_prototype
+        if map_distance not in ("cosine", "euclidean"):
+            raise ValueError("map_distance must be 'cosine' or 'euclidean'")
+        self.map_distance = map_distance
         self.trunk = resnet_trunk(depth, in_channels, width_mult,
                                   extra_in_channels=(0, 0, 0, 3 if coordinates else 0))
         d3, d4 = self.trunk.out_channels[2], self.trunk.out_channels[3]
@@ -120,7 +125,13 @@ class M3LungSliceNet(nn.Module):
         else:
             idx = torch.ones(f3.shape[0], dtype=torch.long, device=f3.device)
         proto = w[idx]  # (B, D3)
-        dist = torch.sqrt(((f3 - proto[:, :, None, None]) ** 2).sum(1) + 1e-12)  # (B, h, w)
+        if self.map_distance == "cosine":
+            # cosine distance: the prototypes (classifier weights) and the ReLU features live at very different
+            # scales, and the Euclidean distance is then ruled by the feature norm (strongly activated = far),
+            # which inverted the map on our toy localisation test; the angle keeps "closer = more like the class"
+            dist = 1 - F.cosine_similarity(f3, proto[:, :, None, None].expand_as(f3), dim=1, eps=1e-6)
+        else:
+            dist = torch.sqrt(((f3 - proto[:, :, None, None]) ** 2).sum(1) + 1e-12)  # (B, h, w)
         flat = dist.flatten(1)
         lo = flat.min(1, keepdim=True).values
         hi = flat.max(1, keepdim=True).values

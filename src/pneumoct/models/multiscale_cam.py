@@ -55,6 +55,26 @@ def _block(c_in: int, c_out: int, n: int, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class LocalContrastNorm(nn.Module):
+    """x -> (x - local mean) / (local std + floor), box window of ``kernel`` px, no parameters.
+
+    Real training slices here come in two looks: HU windowed to [0, 1] (DICOM studies, what ``diagnose`` sees)
+    and 8-bit exports already contrast-enhanced with CLAHE (the 2D sets). Removing the local brightness and
+    contrast takes away the cheapest cue that separates the two (a shortcut: every 8-bit slice has a lesion).
+    """
+
+    def __init__(self, kernel: int = 15, floor: float = 0.05) -> None:
+        super().__init__()
+        self.kernel, self.floor = int(kernel), float(floor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.kernel // 2
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        mean = F.avg_pool2d(xp, self.kernel, stride=1)
+        var = (F.avg_pool2d(xp * xp, self.kernel, stride=1) - mean * mean).clamp_min(0)
+        return (x - mean) / (var.sqrt() + self.floor)
+
+
 class MultiScaleCAMNet(nn.Module):
     """Hu et al. multi-scale weakly supervised classifier.
 
@@ -65,6 +85,9 @@ class MultiScaleCAMNet(nn.Module):
         use_scales: which blocks get a 1x1-conv + GMP classifier; their scores are summed.
         depths: convolutions per block (paper: 2, 2, 3, 3, 3).
         batch_norm: batch norm after every convolution (paper: yes).
+        input_norm: ``"none"`` (paper) or ``"local"``: local contrast normalisation of the input (our addition,
+            see :class:`LocalContrastNorm`) so that slices windowed from HU and 8-bit exports enhanced by CLAHE look
+            alike to the network.
 
     ``forward(x)`` with ``x`` (B, C, H, W), H and W >= 2**(deepest block index - 1):
         returns ``{"logits": (B, K), "maps": {scale: (B, K, h_s, w_s)}, "scores": {scale: (B, K)}}`` where
@@ -73,8 +96,11 @@ class MultiScaleCAMNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths: Sequence[int] = PAPER_WIDTHS,
                  use_scales: Sequence[str] = ("conv3", "conv4", "conv5"), depths: Sequence[int] = PAPER_DEPTHS,
-                 batch_norm: bool = True) -> None:
+                 batch_norm: bool = True, input_norm: str = "none") -> None:
         super().__init__()
+        if input_norm not in ("none", "local"):
+            raise ValueError("input_norm must be 'none' or 'local'")
+        self.input_norm = LocalContrastNorm() if input_norm == "local" else nn.Identity()
         widths, depths = tuple(int(w) for w in widths), tuple(int(d) for d in depths)
         if len(widths) != 5 or len(depths) != 5:
             raise ValueError("widths and depths need one entry per block Conv1..Conv5")
@@ -121,7 +147,7 @@ class MultiScaleCAMNet(nn.Module):
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f"input {tuple(x.shape[-2:])} smaller than {self.min_input_size} px")
         maps: dict[str, torch.Tensor] = {}
-        h = x
+        h = self.input_norm(x)
         for b, block in enumerate(self.blocks):
             if b > 0:
                 h = self.pool(h)

@@ -71,6 +71,9 @@ class SplitConfig:
     seed: int = 0
     kfold: int | None = None
     fold: int = 0
+    # patients kept out of training AND validation (exact ids or "prefix/*"): a held-out test patient, e.g. for
+    # leave-one-study-out validation; it must never steer early stopping or checkpoint choice
+    exclude_patients: list | None = None
 
 
 @dataclass
@@ -255,8 +258,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(spec, dict) or "kind" not in spec:
             raise _bad(f"data.tables[{i}] must be a mapping with 'kind' and 'path'")
         for k in spec:
-            if k not in ("kind", "path", "limit"):
-                raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit)")
+            if k not in ("kind", "path", "limit", "per_lung"):
+                raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit, per_lung)")
         _choice(spec["kind"], TABLE_KINDS, f"data.tables[{i}].kind")
         if not spec.get("path") and spec["kind"] in ("phantom_cohort", "manifest"):
             raise _bad(f"data.tables[{i}].path is missing")

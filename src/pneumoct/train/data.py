@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import PneumoctInputError
 from ..preprocess.slice_input import crop_slice, crop_volume_slices, grey_to_unit
-from ..types import CLASS_NAMES, StudyVolume
+from ..types import CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, StudyVolume
 from .table import SliceTable
 
 logger = logging.getLogger("pneumoct.train")
@@ -258,7 +258,8 @@ def _ctmd_label_rows(root: Path) -> dict[str, int]:
 
 
 def table_from_covid_ct_md(root: str | os.PathLike[str] = COVID_CT_MD_ROOT, size: int = DEFAULT_SIZE, *,
-                           limit: int | None = None, studies: Sequence[str] = ("covid", "cap", "normal")) -> SliceTable:
+                           limit: int | None = None, studies: Sequence[str] = ("covid", "cap", "normal"),
+                           per_lung: bool = False) -> SliceTable:
     """The three COVID-CT-MD DICOM studies → HU rows; lung mask by :func:`segment_lungs`; lesion labels from
     the radiologists' ``Slice-level-labels-updated-1.npy`` (column i = canonical slice i, superior first —
     established on this data); the normal study has no labels (all 0). No lesion masks (``has_mask`` False).
@@ -278,12 +279,21 @@ def table_from_covid_ct_md(root: str | os.PathLike[str] = COVID_CT_MD_ROOT, size
         sl = np.zeros(nz, np.int64) if folder_id is None else labels[rows[folder_id], :nz].astype(np.int64)
         tables.append(table_from_volume(study, lung, size, patient_label=cls, slice_lesion_labels=sl,
                                         patient_id=f"covid-ct-md/{key}", source="covid-ct-md"))
+        if per_lung:
+            lobes = None if folder_id is None else np.load(root / "Lobe-level-labels-updated-1.npy")[rows[folder_id], :nz]
+            for side_label, lobe_idx in ((LUNG_RIGHT, (2, 3, 4)), (LUNG_LEFT, (0, 1))):
+                # lobe columns: 0 LLL, 1 LUL, 2 RLL, 3 RML, 4 RUL (data README)
+                side_sl = np.zeros(nz, np.int64) if lobes is None else (lobes[:, lobe_idx] > 0).any(1).astype(np.int64)
+                tables.append(table_from_volume(study, (lung == side_label).astype(np.uint8), size,
+                                                patient_label=cls, slice_lesion_labels=side_sl,
+                                                patient_id=f"covid-ct-md/{key}", source=PER_LUNG_PREFIX + "covid-ct-md"))
     tables = [t for t in tables if len(t)]
     return SliceTable.concat(tables) if tables else SliceTable.empty(size)
 
 
 def table_from_covid19_ct_seg_png(root: str | os.PathLike[str] = COVID19_CT_SEG_PNG_ROOT, size: int = DEFAULT_SIZE,
-                                  *, limit: int | None = None, block: int = CTSEG_BLOCK) -> SliceTable:
+                                  *, limit: int | None = None, block: int = CTSEG_BLOCK,
+                                  per_lung: bool = False) -> SliceTable:
     """covid19-ct-seg-png: 8-bit CLAHE slices, the dataset's lung masks (``lungs/``) and infection masks
     (``covid/`` > 0 → 1). Every slice shows infection (lesion_label 1, class covid19).
 
@@ -306,7 +316,38 @@ def table_from_covid19_ct_seg_png(root: str | os.PathLike[str] = COVID19_CT_SEG_
         if len(t):
             t.slice_index[:] = num  # the file number: the only order information left
             tables.append(t)
+        if per_lung:
+            for side in split_lungs_2d(lung):
+                side_les = (les * side).astype(np.uint8)
+                lab = int(side_les.sum() >= PER_LUNG_MIN_LESION_PX)
+                ts = table_from_2d_image(img, side, size, patient_label="covid19", lesion_label=lab,
+                                         lesion_mask=side_les, patient_id=f"covid19-ct-seg-png/unknown-{num // int(block)}",
+                                         source=PER_LUNG_PREFIX + "covid19-ct-seg-png")
+                if len(ts):
+                    ts.lesion_label[:] = lab
+                    ts.slice_index[:] = num
+                    tables.append(ts)
     return SliceTable.concat(tables) if tables else SliceTable.empty(size)
+
+
+PER_LUNG_PREFIX = "lung-crop:"  # source prefix of rows cropped to one lung (training only; diagnose crops both)
+PER_LUNG_MIN_LESION_PX = 20  # a lung counts as involved from this many lesion pixels (256² slices)
+
+
+def split_lungs_2d(lung: np.ndarray, min_fraction: float = 0.15) -> list[np.ndarray]:
+    """The two largest connected lung components of a 2D mask (each at least ``min_fraction`` of the lung area);
+    an empty list when the lungs do not separate into two."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(np.asarray(lung) > 0)
+    if n < 2:
+        return []
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.argsort(-sizes)[:2]
+    if sizes[order[1]] < min_fraction * sizes.sum():
+        return []
+    # each side is grown by a few pixels so lesions on the lung edge (often outside the lung mask) stay inside
+    return [ndimage.binary_dilation(lab == (i + 1), iterations=3) for i in order]
 
 
 def table_from_medseg(root: str | os.PathLike[str] = MEDSEG_ROOT, size: int = DEFAULT_SIZE, *,
@@ -490,10 +531,11 @@ def build_table(spec: dict, size: int = DEFAULT_SIZE) -> SliceTable:
         return table_from_phantom_cohort(path, size, limit=limit)
     if kind == "manifest":
         return table_from_manifest(path, size, limit=limit)
+    per_lung = bool(spec.get("per_lung", False))
     if kind == "covid_ct_md":
-        return table_from_covid_ct_md(path or COVID_CT_MD_ROOT, size, limit=limit)
+        return table_from_covid_ct_md(path or COVID_CT_MD_ROOT, size, limit=limit, per_lung=per_lung)
     if kind == "covid19_ct_seg_png":
-        return table_from_covid19_ct_seg_png(path or COVID19_CT_SEG_PNG_ROOT, size, limit=limit)
+        return table_from_covid19_ct_seg_png(path or COVID19_CT_SEG_PNG_ROOT, size, limit=limit, per_lung=per_lung)
     if kind == "medseg":
         return table_from_medseg(path or MEDSEG_ROOT, size, limit=limit)
     raise ValueError(f"unknown table kind {kind!r}; choose from {', '.join(_KINDS)}")

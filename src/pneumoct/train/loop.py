@@ -102,12 +102,31 @@ def prepare_table(table: SliceTable, target: str) -> tuple[SliceTable, np.ndarra
 def split_indices(table: SliceTable, patient_labels: np.ndarray, split: Any) -> tuple[np.ndarray, np.ndarray]:
     from .sampling import patient_kfold, patient_split
 
+    keep = ~excluded_rows(table.patient_id, getattr(split, "exclude_patients", None))
+    if not keep.any():
+        raise PneumoctInputError("bad_config", "split.exclude_patients leaves no data")
+    rows = np.flatnonzero(keep)
+    pids, plabels = table.patient_id[rows], np.asarray(patient_labels)[rows]
     if split.kfold:
         try:
-            return patient_kfold(table.patient_id, patient_labels, split.kfold, split.seed)[split.fold]
+            tr, va = patient_kfold(pids, plabels, split.kfold, split.seed)[split.fold]
         except ValueError as exc:
             raise PneumoctInputError("bad_config", f"k-fold split impossible: {exc}") from None
-    return patient_split(table.patient_id, patient_labels, split.val_fraction, split.seed)
+    else:
+        tr, va = patient_split(pids, plabels, split.val_fraction, split.seed)
+    return rows[tr], rows[va]
+
+
+def excluded_rows(patient_ids: np.ndarray, patterns: list | None) -> np.ndarray:
+    """Rows whose patient id equals a pattern, or starts with it when the pattern ends in ``*``."""
+    out = np.zeros(len(patient_ids), dtype=bool)
+    for pat in patterns or []:
+        pat = str(pat)
+        if pat.endswith("*"):
+            out |= np.char.startswith(patient_ids.astype(str), pat[:-1])
+        else:
+            out |= patient_ids.astype(str) == pat
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, t: Any) -> torch.optim.Optimizer:

@@ -1,0 +1,130 @@
+"""Learned models inside diagnose: loading, per-slice outputs, the patient block, provenance, report maps."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoct.learned import bundled_weights_dir, load_bundled_models, run_learned_models
+from pneumoct.models import build_model
+from pneumoct.pipeline import DiagnoseOptions, analyse_study, diagnose
+from pneumoct.report.html import build_report
+from pneumoct.train.checkpoint import save_checkpoint
+from pneumoct.types import CLASS_NAMES
+
+from toy import toy_chest
+
+torch.set_num_threads(1)
+
+
+def _save(root, key, name, kwargs, meta):
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs)
+    model.eval()
+    save_checkpoint(root / key, model, name, kwargs, meta)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random-weight stand-ins for the three bundled models (the plumbing is under test, not the accuracy)."""
+    root = tmp_path_factory.mktemp("weights")
+    _save(root, "lesion_presence", "multiscale_cam_tiny", {"num_classes": 2, "in_channels": 1, "input_norm": "local"},
+          {"family": "multiscale_cam", "input_size": 48, "channels": 1, "window": [-600.0, 1200.0],
+           "trained_on": "test data", "data_kind": "real"})
+    _save(root, "m3lung_slice", "m3lung_slice_cpu", {"num_classes": 4, "in_channels": 1},
+          {"family": "m3lung_slice", "input_size": 64, "channels": 1, "window_centers": [-700.0, -600.0, -500.0],
+           "trained_on": "synthetic phantoms", "data_kind": "synthetic"})
+    _save(root, "m3lung_patient", "m3lung_patient_cpu", {"num_classes": 4},
+          {"family": "m3lung_patient", "trained_on": "synthetic phantoms", "data_kind": "synthetic"})
+    return root
+
+
+def test_run_learned_models_shapes_and_nan_outside_lungs(weights):
+    study, _, _ = toy_chest()
+    from pneumoct.preprocess.lung_mask import segment_lungs
+
+    lungs = segment_lungs(study).labels
+    models = load_bundled_models(weights)
+    assert set(models) == {"lesion_presence", "m3lung_slice", "m3lung_patient"}
+    out = run_learned_models(study.hu, lungs, models)
+    z = study.shape[0]
+    has_lung = lungs.reshape(z, -1).sum(1) > 0.002 * lungs[0].size
+    assert out.lesion_probability.shape == (z,)
+    assert np.isnan(out.lesion_probability[~has_lung]).all()
+    assert np.isfinite(out.lesion_probability[has_lung]).all()
+    cp = out.slice_class_probabilities[has_lung]
+    np.testing.assert_allclose(cp.sum(1), 1.0, atol=1e-5)
+    assert out.patient_probabilities.shape == (4,) and abs(out.patient_probabilities.sum() - 1) < 1e-6
+    # maps are registered to the slice grid: zero outside the lung box, right shape
+    k = int(np.flatnonzero(has_lung)[len(np.flatnonzero(has_lung)) // 2])
+    cam = out.slice_map("cam", k)
+    assert cam.shape == study.hu.shape[1:]
+    box = out.crops[k].box
+    outside = np.ones_like(cam, bool)
+    outside[box[0]:box[1], box[2]:box[3]] = False
+    assert cam[outside].max() == 0 and cam.max() > 0
+    assert out.slice_map("prototype", k).shape == study.hu.shape[1:]
+    assert set(out.provenance) == {"lesion_presence", "m3lung_slice", "m3lung_patient"}
+
+
+def test_diagnose_uses_models_and_keeps_rule(weights, tmp_path):
+    from pneumoct.io.writers import write_volume
+
+    study, _, _ = toy_chest()
+    path = tmp_path / "toy.nii.gz"
+    write_volume(path, study.hu, study)
+    res = diagnose(path, tmp_path / "out", DiagnoseOptions(weights_dir=str(weights)))
+    on_disk = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert on_disk["patient"]["model"]["name"] == "m3lung_patient"
+    assert "synthetic" in on_disk["patient"]["model"]["trained_on"]
+    assert on_disk["patient"]["rule_result"]["model"]["kind"] == "rule"
+    assert set(on_disk["patient"]["probabilities"]) == set(CLASS_NAMES)
+    learned = on_disk["models"]["learned"]
+    assert learned["lesion_presence"]["data_kind"] == "real" and len(learned["m3lung_slice"]["sha256"]) == 64
+    slices = on_disk["slices"]
+    with_lung = [s for s in slices if s.get("lung_in_slice")]
+    assert with_lung and all(0.0 <= s["lesion_probability"] <= 1.0 for s in slices)
+    assert all(abs(sum(s["class_probabilities"].values()) - 1) < 1e-3 for s in with_lung)
+    assert all(s["lesion_probability"] == 0.0 for s in slices if not s.get("lung_in_slice"))
+    assert "SYNTHETIC" in on_disk["data_note"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Learned models used" in html and "m3lung_patient" in html
+    assert res["timing_s"]["learned_models"] > 0
+
+
+def test_no_models_option_and_missing_weights(tmp_path):
+    study, _, _ = toy_chest()
+    out = analyse_study(study, DiagnoseOptions(use_learned_models=False))
+    assert out.result["patient"]["model"]["kind"] == "rule"
+    assert "learned" not in out.result["models"]
+    out2 = analyse_study(study, DiagnoseOptions(weights_dir=str(tmp_path / "empty")))
+    assert out2.result["patient"]["model"]["kind"] == "rule"
+
+
+def test_report_map_panels_show_high_probability_slices(weights):
+    from pneumoct.preprocess.lung_mask import segment_lungs
+
+    study, _, _ = toy_chest()
+    out = analyse_study(study, DiagnoseOptions(weights_dir=str(weights)))
+    learned = out.learned
+    learned.lesion_probability = np.where(np.isnan(learned.lesion_probability), np.nan, 0.1).astype(np.float32)
+    k = int(np.flatnonzero(np.isfinite(learned.lesion_probability))[0])
+    learned.lesion_probability[k] = 0.9  # only this slice passes the 0.5 bar
+    html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=learned)
+    assert "Where the models looked" in html and f"#{k} ·" in html
+    assert html.count("M3Lung-Sys prototype map") == 1
+
+
+def test_bundled_weights_small_and_loadable():
+    d = bundled_weights_dir()
+    if not (d / "lesion_presence" / "model.json").exists():
+        pytest.skip("no bundled weights in this checkout")
+    total = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert total <= 50 * 1024 * 1024
+    models = load_bundled_models(d)
+    assert models["lesion_presence"].meta["data_kind"] == "real"
+    for key in ("m3lung_slice", "m3lung_patient"):
+        if key in models:
+            assert models[key].meta["data_kind"] == "synthetic"
