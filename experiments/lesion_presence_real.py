@@ -52,7 +52,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pneumoct.train.checkpoint import load_checkpoint, save_checkpoint
+    from pneumoct.train.bundle import install_run
+    from pneumoct.train.checkpoint import load_checkpoint
     from pneumoct.train.config import load_config
     from pneumoct.train.loop import fit, prepare_table  # noqa: F401
     from pneumoct.train.data import build_tables
@@ -96,23 +97,9 @@ def main(argv=None) -> int:
         run = Path(args.runs) / "lesion_presence_real"
         shutil.rmtree(run, ignore_errors=True)
         metrics = fit(cfg, run, progress=False, table=table)
-        model, info = load_checkpoint(run / "best")
-        meta = dict(info["meta"])
         loso = res.get("leave_one_study_out", {}).get("pooled", {})
-        meta.update({
-            "trained_on": "real public CT (COVID-CT-MD 3 studies, COVID-19-CT-Seg PNG, MedSeg)",
-            "data_kind": "real",
-            "validation_summary": {"leave_one_study_out_pooled_auc": loso.get("auc"),
-                                   "val_split": (metrics.get("best") or {})},
-        })
-        dest = ROOT / "src/pneumoct/weights/lesion_presence"
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_checkpoint(tmp, model, info["model_name"], info["model_kwargs"], meta)
-        if (run / "model_card.md").exists():
-            shutil.copy(run / "model_card.md", tmp / "model_card.md")
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        dest = install_run(run, "lesion_presence", extra_meta={
+            "validation_leave_one_study_out_pooled_auc": loso.get("auc")})
         res["final"] = {"run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
                         "best": metrics.get("best"), "weights": str(dest.relative_to(ROOT))}
     res["seconds"] = round(time.time() - t0, 1)

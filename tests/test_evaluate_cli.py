@@ -67,3 +67,36 @@ def test_cli_evaluate_and_bad_input(tmp_path, capsys):
     assert len(err) == 1 and "unknown class" in err[0]
     assert main(["evaluate", "--predictions", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o3")]) == 2
     assert not (tmp_path / "o2" / "metrics.json").exists()
+
+
+def test_evaluate_checkpoint_on_phantom_cohort(tmp_path):
+    import torch
+
+    from pneumoct.models import build_model
+    from pneumoct.synth.writer import synthesize_cohort
+    from pneumoct.train.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    cohort = tmp_path / "cohort"
+    synthesize_cohort(cohort, 4, seed=3, matrix=64, n_slices=16, formats=("nifti",))
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 4, "in_channels": 1}
+    save_checkpoint(tmp_path / "ck", build_model("multiscale_cam_tiny", **kwargs), "multiscale_cam_tiny", kwargs,
+                    {"family": "multiscale_cam", "input_size": 32, "channels": 1, "target": "class",
+                     "classes": ["healthy", "covid19", "other_viral", "cap"], "window": [-600.0, 1200.0]})
+    out = tmp_path / "ev"
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", f"phantom_cohort:{cohort}",
+               "--level", "patient", "--out", str(out), "--bootstrap", "50"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 4 and "synthetic" in m["data"]
+    assert sum(g["n"] for g in m["groupwise_by_lesion_volume_ratio"]["groups"].values()) == 4
+    pred = read_predictions_csv(out / "predictions.csv")
+    assert sorted(pred.y_true.tolist()) == [0, 1, 2, 3]  # one phantom per class
+    np.testing.assert_allclose(pred.probs.sum(1), 1.0, atol=1e-4)
+    # slice level: one row per slice with lungs
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", f"phantom_cohort:{cohort}",
+               "--out", str(tmp_path / "ev2"), "--bootstrap", "20"])
+    assert rc == 0 and read_predictions_csv(tmp_path / "ev2" / "predictions.csv").probs.shape[0] > 16
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ck"), "--data", "nonsense:x",
+                 "--out", str(tmp_path / "ev3")]) == 2

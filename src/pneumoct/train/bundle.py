@@ -1,0 +1,74 @@
+"""Install a finished run's best checkpoint as one of the models ``diagnose`` uses.
+
+    python -m pneumoct.train.bundle RUN_DIR --as m3lung_slice [--weights DIR]
+
+Copies ``RUN_DIR/best`` to ``DIR/<key>/`` (default: the package's ``weights/``), re-saved with provenance in its
+meta: ``data_kind`` ("synthetic" when any training source is a phantom, else "real"), ``trained_on`` (the
+sources), ``validation_summary`` (the run's best validation metrics), and the run's model card beside it.
+Write-then-rename: a half-copied model never looks installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import PneumoctInputError
+
+KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient")
+
+
+def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = None,
+                extra_meta: dict | None = None) -> Path:
+    from ..learned import bundled_weights_dir
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    if key not in KEYS:
+        raise PneumoctInputError("bad_argument", f"--as must be one of {', '.join(KEYS)}")
+    run = Path(run_dir)
+    if not (run / "best" / "model.json").is_file():
+        raise PneumoctInputError("not_found", f"{run} has no best/ checkpoint (is the run finished?)")
+    model, info = load_checkpoint(run / "best")
+    meta = dict(info.get("meta") or {})
+    data = meta.get("data") or {}
+    sources = [str(s) for s in data.get("sources") or []]
+    synthetic = bool(data.get("synthetic")) or any(s.startswith("phantom") for s in sources)
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    meta.update({
+        "data_kind": "synthetic" if synthetic else "real",
+        "trained_on": ("synthetic phantoms only (pneumoct.synth)" if synthetic
+                       else "real public CT: " + ", ".join(sorted({s.split(":")[-1] for s in sources}))),
+        "validation_summary": metrics.get("best"),
+        "installed_from_run": run.name,
+    })
+    meta.update(extra_meta or {})
+    dest = Path(weights_dir) if weights_dir else bundled_weights_dir()
+    dest = dest / key
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, info["model_name"], info["model_kwargs"], meta)
+    if (run / "model_card.md").is_file():
+        shutil.copy(run / "model_card.md", tmp / "model_card.md")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pneumoct.train.bundle", description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--as", dest="key", required=True, choices=KEYS)
+    ap.add_argument("--weights", default=None)
+    args = ap.parse_args(argv)
+    try:
+        print(install_run(args.run, args.key, args.weights))
+    except PneumoctInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
