@@ -40,6 +40,27 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict:
     return out
 
 
+def fit_platt(p: np.ndarray, y: np.ndarray) -> dict:
+    """Platt scaling on logit(p): p' = sigmoid(a * logit(p) + b), fitted by Newton's method (2 parameters)."""
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    a, b = 1.0, 0.0
+    for _ in range(50):
+        q = 1 / (1 + np.exp(-(a * z + b)))
+        g = np.array([((q - y) * z).sum(), (q - y).sum()])
+        w = q * (1 - q) + 1e-9
+        h = np.array([[(w * z * z).sum(), (w * z).sum()], [(w * z).sum(), w.sum()]]) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"a": float(a), "b": float(b)}
+
+
+def apply_platt(p: np.ndarray, cal: dict) -> np.ndarray:
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    return 1 / (1 + np.exp(-(cal["a"] * z + cal["b"])))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs/lesion_presence_real.yaml"))
@@ -48,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-final", action="store_true")
     ap.add_argument("--skip-loso", action="store_true")
     ap.add_argument("--studies", default=",".join(STUDIES), help="held-out studies for the LOSO part")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished LOSO runs instead of retraining")
     args = ap.parse_args(argv)
 
     import torch
@@ -75,20 +97,28 @@ def main(argv=None) -> int:
         for held in args.studies.split(","):
             cfg.split.exclude_patients = [held]
             run = Path(args.runs) / f"lesion_loso_{held.split('/')[-1]}"
-            shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: this script reruns experiments
-            fit(cfg, run, progress=False, table=table)
+            if not (args.reuse and (run / "DONE").exists()):
+                shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: this script reruns experiments
+                fit(cfg, run, progress=False, table=table)
             model, info = load_checkpoint(run / "best")
-            rows = np.flatnonzero((table.patient_id == held) & (table.source == "covid-ct-md"))  # whole-slice crops
-            sub = table.subset(rows)
-            pr = predict_table(model, info["meta"]["family"], sub, window_center=cfg.data.window_center,
-                               window_width=cfg.data.window_width, channels=cfg.data.channels, num_classes=2)
-            p = pr["probs"][:, 1]
+            hu_rows = table.source == "covid-ct-md"  # whole-slice crops of the DICOM studies (the diagnose path)
+            sub = table.subset(np.flatnonzero(hu_rows & (table.patient_id == held)))
+            cal_sub = table.subset(np.flatnonzero(hu_rows & (table.patient_id != held)))
+            kw = dict(window_center=cfg.data.window_center, window_width=cfg.data.window_width,
+                      channels=cfg.data.channels, num_classes=2)
+            p = predict_table(model, info["meta"]["family"], sub, **kw)["probs"][:, 1]
+            # calibration of the DICOM path on the OTHER studies only (the held-out one stays unseen)
+            cal = fit_platt(predict_table(model, info["meta"]["family"], cal_sub, **kw)["probs"][:, 1],
+                            cal_sub.lesion_label.astype(float))
             y = sub.lesion_label.astype(int)
-            per[held] = _metrics(y, p)
+            pc = apply_platt(p, cal)
+            per[held] = {**_metrics(y, p), "calibration": cal,
+                         "calibrated": {k: v for k, v in _metrics(y, pc).items() if k.endswith("@0.5")}}
             ys.append(y)
-            ps.append(p)
+            ps.append(pc)
             print(held, per[held], flush=True)
-        res["leave_one_study_out"] = {"per_study": per, "pooled": _metrics(np.concatenate(ys), np.concatenate(ps)),
+        res["leave_one_study_out"] = {"per_study": per,
+                                      "pooled_calibrated": _metrics(np.concatenate(ys), np.concatenate(ps)),
                                       "note": "each study predicted by a model that never saw it (not in training, "
                                       "not in validation); 3 patients only: wide uncertainty; slice bootstrap CIs "
                                       "ignore within-patient correlation and are too narrow"}
@@ -97,9 +127,17 @@ def main(argv=None) -> int:
         run = Path(args.runs) / "lesion_presence_real"
         shutil.rmtree(run, ignore_errors=True)
         metrics = fit(cfg, run, progress=False, table=table)
-        loso = res.get("leave_one_study_out", {}).get("pooled", {})
+        loso = res.get("leave_one_study_out", {}).get("pooled_calibrated", {})
+        model, info = load_checkpoint(run / "best")
+        hu = table.subset(np.flatnonzero(table.source == "covid-ct-md"))
+        p_hu = predict_table(model, info["meta"]["family"], hu, window_center=cfg.data.window_center,
+                             window_width=cfg.data.window_width, channels=cfg.data.channels, num_classes=2)["probs"][:, 1]
+        cal = fit_platt(p_hu, hu.lesion_label.astype(float))
+        cal["fitted_on"] = "covid-ct-md whole-slice rows (3 studies, in-sample)"
         dest = install_run(run, "lesion_presence", extra_meta={
+            "calibration": cal,
             "validation_leave_one_study_out_pooled_auc": loso.get("auc")})
+        res["final_calibration"] = cal
         res["final"] = {"run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
                         "best": metrics.get("best"), "weights": str(dest.relative_to(ROOT))}
     res["seconds"] = round(time.time() - t0, 1)
@@ -107,7 +145,7 @@ def main(argv=None) -> int:
     prev = json.loads(out_json.read_text()) if out_json.exists() else {}
     prev.update(res)
     out_json.write_text(json.dumps(prev, indent=2, default=str) + "\n")
-    print(json.dumps(res.get("leave_one_study_out", {}).get("pooled", {}), indent=1))
+    print(json.dumps(res.get("leave_one_study_out", {}).get("pooled_calibrated", {}), indent=1))
     return 0
 
 

@@ -128,3 +128,13 @@ def test_bundled_weights_small_and_loadable():
     for key in ("m3lung_slice", "m3lung_patient"):
         if key in models:
             assert models[key].meta["data_kind"] == "synthetic"
+
+
+def test_calibration_is_monotone_and_shifts():
+    from pneumoct.learned import calibrate
+
+    p = np.linspace(0.01, 0.99, 50).astype(np.float32)
+    assert np.array_equal(calibrate(p, None), p)
+    q = calibrate(p, {"a": 1.0, "b": 2.0})
+    assert np.all(np.diff(q) > 0) and np.all(q > p)  # same order, shifted up
+    np.testing.assert_allclose(calibrate(np.array([0.5]), {"a": 3.0, "b": 0.0}), [0.5], atol=1e-6)

@@ -166,7 +166,7 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
                 if keep_maps:
                     cams.append(_cam_from_output(res, x_all.shape[-2:]))
             p = np.full(z_total, np.nan, np.float32)
-            p[z_idx] = np.concatenate(probs)
+            p[z_idx] = calibrate(np.concatenate(probs), lesion.meta.get("calibration"))
             out.lesion_probability = p
             if keep_maps:
                 cam = np.concatenate(cams)
@@ -224,6 +224,16 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
                 out.provenance["m3lung_patient"] = patient.provenance()
                 out.timing["m3lung_patient"] = time.perf_counter() - t
     return out
+
+
+def calibrate(p: np.ndarray, cal: dict | None) -> np.ndarray:
+    """Platt scaling stored with the model (``meta.calibration = {a, b}``): sigmoid(a * logit(p) + b). The
+    lesion model sees two looks of slice in training (HU windowed, 8-bit CLAHE exports); its raw scores on the
+    DICOM path are shifted, so it carries a calibration fitted on DICOM studies (see docs/models.md)."""
+    if not cal:
+        return p
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    return (1.0 / (1.0 + np.exp(-(float(cal["a"]) * z + float(cal["b"]))))).astype(np.float32)
 
 
 def _acc(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:
