@@ -39,7 +39,7 @@ __all__ = ["lesion_rows", "rows_to_unit", "evaluate_rows", "write_report", "pars
 def parse_data(spec: str, limit: int | None) -> dict:
     """``phantom:DIR`` | ``covid19_ct_seg_png`` | ``medseg`` (optionally ``kind:PATH``) -> build_table spec."""
     kind, _, path = spec.partition(":")
-    out: dict[str, Any] = {"kind": kind}
+    out: dict[str, Any] = {"kind": "phantom_cohort" if kind == "phantom" else kind}
     if path:
         out["path"] = path
     if limit:

@@ -46,7 +46,12 @@ def test_diagnose_writes_all_outputs(toy_result):
     assert all(a > b for a, b in zip(pos, pos[1:]))
     assert on_disk["patient"]["label"] in CLASS_NAMES
     assert abs(sum(on_disk["patient"]["probabilities"].values()) - 1.0) < 1e-3
-    assert on_disk["patient"]["model"]["kind"] == "rule"
+    patient_model = on_disk["patient"]["model"]
+    if "learned" in on_disk["models"]:  # bundled models present: the patient net decides, the rule is kept beside
+        assert patient_model["kind"].startswith("learned") and patient_model["trained_on"]
+        assert on_disk["patient"]["rule_result"]["model"]["kind"] == "rule"
+    else:
+        assert patient_model["kind"] == "rule"
     assert on_disk["models"]["lesions"] == "threshold-baseline"
     assert set(on_disk["timing_s"]) >= {"read", "lungs", "lesions", "quantify", "total"}
     assert all(0.0 <= s["lesion_probability"] <= 1.0 for s in on_disk["slices"])

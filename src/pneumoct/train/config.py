@@ -89,6 +89,7 @@ class TrainOptions:
     step_size: int = 30
     lr_gamma: float = 0.1
     balanced_sampling: bool = True
+    balance_by: str = "class"  # class | class_and_look (class x {HU-windowed, 8-bit export})
     early_stopping_patience: int | None = None
     monitor: str = "val_auc"
     seed: int = 0
@@ -279,6 +280,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _choice(t.monitor, ("val_auc", "val_acc", "val_loss"), "train.monitor")
     _choice(t.bn_recalibrate, ("off", "end", "epoch"), "train.bn_recalibrate")
     _choice(t.device, ("cpu", "cuda", "auto"), "train.device")
+    _choice(t.balance_by, ("class", "class_and_look"), "train.balance_by")
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise _bad("train.epochs and train.batch_size must be >= 1 and train.lr > 0")
     if len(t.betas) != 2:

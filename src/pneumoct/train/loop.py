@@ -314,7 +314,12 @@ def fit(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
             if hasattr(task, "reseed"):
                 task.reseed([t.seed, epoch])
             if t.balanced_sampling:
-                sampler = class_balanced_sampler(train_t.class_label, num_samples=len(train_t), seed=es)
+                groups = train_t.class_label
+                if t.balance_by == "class_and_look":
+                    # equal weight to every (class, look) pair, look = HU-windowed vs 8-bit export: without it a
+                    # source that holds one class only teaches "this look means that class"
+                    groups = np.where(train_t.class_label < 0, -1, train_t.class_label * 2 + train_t.is_hu.astype(int))
+                sampler = class_balanced_sampler(groups, num_samples=len(train_t), seed=es)
                 loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
                                     drop_last=len(train_ds) > t.batch_size)
             else:
