@@ -138,3 +138,14 @@ def test_calibration_is_monotone_and_shifts():
     q = calibrate(p, {"a": 1.0, "b": 2.0})
     assert np.all(np.diff(q) > 0) and np.all(q > p)  # same order, shifted up
     np.testing.assert_allclose(calibrate(np.array([0.5]), {"a": 3.0, "b": 0.0}), [0.5], atol=1e-6)
+
+
+def test_fusion_uses_model_and_area():
+    from pneumoct.learned import fuse_with_area
+
+    fusion = {"w_logit_model": 0.5, "w_log1p_area_mm2": 1.0, "bias": -4.0}
+    p = np.array([0.5, 0.5, 0.9], np.float32)
+    area = np.array([0.0, 500.0, 0.0])
+    f = fuse_with_area(p, area, fusion)
+    assert f[1] > f[0] and f[2] > f[0]  # more area or a surer model -> higher
+    np.testing.assert_allclose(f[0], 1 / (1 + np.exp(4.0)), rtol=1e-5)

@@ -94,7 +94,9 @@ class LearnedOutput:
     """What the learned models said about one study. Arrays are per slice of the study (Z,); NaN where the
     slice held too little lung to be offered to a model."""
 
-    lesion_probability: np.ndarray | None = None          # (Z,) real-data lesion-presence model
+    lesion_probability: np.ndarray | None = None          # (Z,) real-data lesion-presence model (fused, see below)
+    lesion_probability_model: np.ndarray | None = None    # (Z,) the model's own score, before fusion/calibration
+    lesion_probability_kind: str = ""                     # "fused" (model + threshold area) or "model"
     slice_class_probabilities: np.ndarray | None = None   # (Z, 4) M3Lung-Sys slice net (synthetic-trained)
     slice_lesion_probability_m3lung: np.ndarray | None = None  # (Z,) its multi-task lesion head
     patient_probabilities: np.ndarray | None = None       # (4,) M3Lung-Sys patient net (synthetic-trained)
@@ -125,8 +127,13 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 
 
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
-                       batch_size: int = 32, keep_maps: bool = True) -> LearnedOutput:
-    """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation)."""
+                       batch_size: int = 32, keep_maps: bool = True,
+                       threshold_area_mm2: np.ndarray | None = None) -> LearnedOutput:
+    """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
+
+    ``threshold_area_mm2`` (Z,): the threshold baseline's lesion area per slice; when the lesion model carries a
+    ``fusion`` (meta), the per-slice lesion probability is that logistic fusion of the model's score and the area
+    (see :func:`fuse_with_area`), else the model's (calibrated) score."""
     import torch
 
     out = LearnedOutput()
@@ -165,8 +172,18 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
                 probs.append(torch.softmax(res["logits"], 1)[:, 1].numpy())
                 if keep_maps:
                     cams.append(_cam_from_output(res, x_all.shape[-2:]))
+            raw = np.concatenate(probs)
+            p_model = np.full(z_total, np.nan, np.float32)
+            p_model[z_idx] = raw
+            out.lesion_probability_model = p_model
             p = np.full(z_total, np.nan, np.float32)
-            p[z_idx] = calibrate(np.concatenate(probs), lesion.meta.get("calibration"))
+            fusion = lesion.meta.get("fusion")
+            if fusion and threshold_area_mm2 is not None:
+                p[z_idx] = fuse_with_area(raw, np.asarray(threshold_area_mm2, np.float64)[z_idx], fusion)
+                out.lesion_probability_kind = "fused"
+            else:
+                p[z_idx] = calibrate(raw, lesion.meta.get("calibration"))
+                out.lesion_probability_kind = "model"
             out.lesion_probability = p
             if keep_maps:
                 cam = np.concatenate(cams)
@@ -224,6 +241,14 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
                 out.provenance["m3lung_patient"] = patient.provenance()
                 out.timing["m3lung_patient"] = time.perf_counter() - t
     return out
+
+
+def fuse_with_area(p: np.ndarray, area_mm2: np.ndarray, fusion: dict) -> np.ndarray:
+    """sigmoid(w1 * logit(p_model) + w2 * log(1 + threshold lesion area in mm2) + b): a logistic regression
+    fitted on the real DICOM studies (experiments/lesion_fusion.py, validated leave-one-study-out)."""
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+    s = float(fusion["w_logit_model"]) * z + float(fusion["w_log1p_area_mm2"]) * np.log1p(np.maximum(area_mm2, 0.0))
+    return (1.0 / (1.0 + np.exp(-(s + float(fusion["bias"]))))).astype(np.float32)
 
 
 def calibrate(p: np.ndarray, cal: dict | None) -> np.ndarray:

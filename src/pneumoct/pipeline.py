@@ -84,7 +84,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         timing["load_models"] = time.perf_counter() - t
         if models:
             t = time.perf_counter()
-            learned = run_learned_models(study.hu, lungs.labels, models)
+            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=lesion_area)
             timing["learned_models"] = time.perf_counter() - t
     if learned.patient_probabilities is not None:
         patient = learned_patient_result(learned, rule_result=patient)
@@ -100,6 +100,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             p = learned.lesion_probability[k]
             entry["lesion_probability"] = 0.0 if np.isnan(p) else round(float(p), 4)  # no lung: no lung lesion
             entry["lung_in_slice"] = bool(not np.isnan(p))
+            pm = learned.lesion_probability_model[k]
+            entry["lesion_model_score"] = None if np.isnan(pm) else round(float(pm), 4)
         else:
             entry["lesion_probability"] = round(float(prob), 4)
         entry["threshold_lesion_score"] = round(float(prob), 4)
@@ -120,8 +122,10 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     }
     if learned.lesion_probability is not None:
         models_used["slice_lesion_probability"] = (
-            "lesion_presence (learned, trained on real CT slices; see models.learned.lesion_presence); "
-            "0 for slices without lung")
+            ("lesion_presence (learned, trained on real CT) fused with the threshold baseline's lesion area by a "
+             "logistic regression fitted on 3 real DICOM studies" if learned.lesion_probability_kind == "fused"
+             else "lesion_presence (learned, trained on real CT)")
+            + "; the model's own score is slices[].lesion_model_score; 0 for slices without lung")
     if learned.slice_class_probabilities is not None:
         models_used["slice_class_probabilities"] = "m3lung_slice (learned, trained on synthetic phantoms only)"
     if learned.provenance:
