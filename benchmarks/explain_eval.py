@@ -47,6 +47,22 @@ def parse_data(spec: str, limit: int | None) -> dict:
     return out
 
 
+def validation_patients(run_dir: Path) -> set[str]:
+    """The patient ids a run held out for validation (its split recomputed from its config and data)."""
+    from pneumoct.train.config import load_config
+    from pneumoct.train.data import build_tables
+    from pneumoct.train.loop import prepare_table, split_indices
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    cache = cfg.data.cache_dir
+    if cache and not Path(cache).is_absolute():
+        cache = str(REPO / cache)
+    table = build_tables(cfg.data.tables, size=cfg.data.size, cache_dir=cache)
+    table, py = prepare_table(table, cfg.data.target)
+    _, va = split_indices(table, py, cfg.split)
+    return set(np.asarray(table.patient_id)[va].tolist())
+
+
 def lesion_rows(lesion_mask: np.ndarray, has_mask: np.ndarray) -> np.ndarray:
     """Indices of rows that have a lesion mask with at least one lesion pixel."""
     lm = np.asarray(lesion_mask)
@@ -115,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tolerance-px", type=float, default=15.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--val-of-run", type=Path, default=None,
+                    help="score only slices of that run's validation patients (never trained on)")
     args = ap.parse_args(argv)
 
     import torch
@@ -129,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = parse_data(args.data, args.limit)
     table = build_table(spec, int(meta.get("input_size", 128)))
     rows = lesion_rows(table.lesion_mask, table.has_mask)
+    if args.val_of_run is not None:
+        val_ids = validation_patients(args.val_of_run)
+        rows = rows[np.isin(np.asarray(table.patient_id)[rows], sorted(val_ids))]
     if args.max_rows:
         rows = rows[: args.max_rows]
     if len(rows) == 0:
@@ -141,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep = evaluate_rows(model, family, x, masks, methods, data=args.data, class_idx=args.class_idx,
                         tolerance_px=args.tolerance_px)
     rep["checkpoint"] = str(args.checkpoint)
+    if args.val_of_run is not None:
+        rep["rows"] = f"validation patients of run {args.val_of_run.name} only (not trained on)"
     rep["sources"] = sorted(set(str(s) for s in np.asarray(table.source)[rows]))
     rep["n_patients"] = int(len(set(np.asarray(table.patient_id)[rows])))
     name = args.data.split(":")[0] if ":" in args.data else args.data

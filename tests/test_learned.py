@@ -140,12 +140,24 @@ def test_calibration_is_monotone_and_shifts():
     np.testing.assert_allclose(calibrate(np.array([0.5]), {"a": 3.0, "b": 0.0}), [0.5], atol=1e-6)
 
 
-def test_fusion_uses_model_and_area():
-    from pneumoct.learned import fuse_with_area
+def test_area_probability_and_slice_probability_modes(weights):
+    from pneumoct.learned import area_probability
+    from pneumoct.preprocess.lung_mask import segment_lungs
 
-    fusion = {"w_logit_model": 0.5, "w_log1p_area_mm2": 1.0, "bias": -4.0}
-    p = np.array([0.5, 0.5, 0.9], np.float32)
-    area = np.array([0.0, 500.0, 0.0])
-    f = fuse_with_area(p, area, fusion)
-    assert f[1] > f[0] and f[2] > f[0]  # more area or a surer model -> higher
+    cal = {"w_log1p_area_mm2": 1.0, "bias": -4.0}
+    f = area_probability(np.array([0.0, 50.0, 500.0]), cal)
+    assert np.all(np.diff(f) > 0)
     np.testing.assert_allclose(f[0], 1 / (1 + np.exp(4.0)), rtol=1e-5)
+    # with an area calibration in the model's meta, "area" mode uses it; "model" mode the network
+    study, _, _ = toy_chest()
+    lungs = segment_lungs(study).labels
+    models = load_bundled_models(weights)
+    models["lesion_presence"].info["meta"]["area_calibration"] = cal
+    area = np.linspace(0, 400, study.shape[0])
+    a = run_learned_models(study.hu, lungs, models, threshold_area_mm2=area)
+    m = run_learned_models(study.hu, lungs, models, threshold_area_mm2=area, slice_probability="model")
+    ok = np.isfinite(a.lesion_probability)
+    np.testing.assert_allclose(a.lesion_probability[ok], area_probability(area[ok], cal), rtol=1e-5)
+    np.testing.assert_allclose(m.lesion_probability[ok], m.lesion_probability_model[ok], rtol=1e-5)
+    assert a.lesion_probability_kind == "area" and m.lesion_probability_kind == "model"
+    del models["lesion_presence"].info["meta"]["area_calibration"]

@@ -96,7 +96,7 @@ class LearnedOutput:
 
     lesion_probability: np.ndarray | None = None          # (Z,) real-data lesion-presence model (fused, see below)
     lesion_probability_model: np.ndarray | None = None    # (Z,) the model's own score, before fusion/calibration
-    lesion_probability_kind: str = ""                     # "fused" (model + threshold area) or "model"
+    lesion_probability_kind: str = ""                     # "area" (calibrated threshold area) or "model"
     slice_class_probabilities: np.ndarray | None = None   # (Z, 4) M3Lung-Sys slice net (synthetic-trained)
     slice_lesion_probability_m3lung: np.ndarray | None = None  # (Z,) its multi-task lesion head
     patient_probabilities: np.ndarray | None = None       # (4,) M3Lung-Sys patient net (synthetic-trained)
@@ -128,12 +128,18 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                        batch_size: int = 32, keep_maps: bool = True,
-                       threshold_area_mm2: np.ndarray | None = None) -> LearnedOutput:
+                       threshold_area_mm2: np.ndarray | None = None,
+                       slice_probability: str = "area") -> LearnedOutput:
     """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
 
-    ``threshold_area_mm2`` (Z,): the threshold baseline's lesion area per slice; when the lesion model carries a
-    ``fusion`` (meta), the per-slice lesion probability is that logistic fusion of the model's score and the area
-    (see :func:`fuse_with_area`), else the model's (calibrated) score."""
+    ``slice_probability`` decides what ``lesion_probability`` holds:
+    ``"area"`` (default): the threshold baseline's lesion area per slice (``threshold_area_mm2``, (Z,)) through the
+    logistic calibration stored with the lesion model (``meta.area_calibration``, fitted on the radiologist slice
+    labels of the 3 real DICOM studies) — on those studies it ranks slices better than the network does on a
+    study it never saw (docs/models.md); ``"model"``: the network's calibrated score. The network's own score is
+    always in ``lesion_probability_model`` and its CAM maps are always computed."""
+    if slice_probability not in ("area", "model"):
+        raise ValueError("slice_probability must be 'area' or 'model'")
     import torch
 
     out = LearnedOutput()
@@ -177,10 +183,10 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
             p_model[z_idx] = raw
             out.lesion_probability_model = p_model
             p = np.full(z_total, np.nan, np.float32)
-            fusion = lesion.meta.get("fusion")
-            if fusion and threshold_area_mm2 is not None:
-                p[z_idx] = fuse_with_area(raw, np.asarray(threshold_area_mm2, np.float64)[z_idx], fusion)
-                out.lesion_probability_kind = "fused"
+            area_cal = lesion.meta.get("area_calibration")
+            if slice_probability == "area" and area_cal and threshold_area_mm2 is not None:
+                p[z_idx] = area_probability(np.asarray(threshold_area_mm2, np.float64)[z_idx], area_cal)
+                out.lesion_probability_kind = "area"
             else:
                 p[z_idx] = calibrate(raw, lesion.meta.get("calibration"))
                 out.lesion_probability_kind = "model"
@@ -243,12 +249,11 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     return out
 
 
-def fuse_with_area(p: np.ndarray, area_mm2: np.ndarray, fusion: dict) -> np.ndarray:
-    """sigmoid(w1 * logit(p_model) + w2 * log(1 + threshold lesion area in mm2) + b): a logistic regression
-    fitted on the real DICOM studies (experiments/lesion_fusion.py, validated leave-one-study-out)."""
-    z = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
-    s = float(fusion["w_logit_model"]) * z + float(fusion["w_log1p_area_mm2"]) * np.log1p(np.maximum(area_mm2, 0.0))
-    return (1.0 / (1.0 + np.exp(-(s + float(fusion["bias"]))))).astype(np.float32)
+def area_probability(area_mm2: np.ndarray, cal: dict) -> np.ndarray:
+    """sigmoid(w * log(1 + threshold lesion area in mm2) + b), a logistic regression on the radiologist slice
+    labels of the real DICOM studies (experiments/lesion_fusion.py, validated leave-one-study-out)."""
+    s = float(cal["w_log1p_area_mm2"]) * np.log1p(np.maximum(np.asarray(area_mm2, np.float64), 0.0))
+    return (1.0 / (1.0 + np.exp(-(s + float(cal["bias"]))))).astype(np.float32)
 
 
 def calibrate(p: np.ndarray, cal: dict | None) -> np.ndarray:

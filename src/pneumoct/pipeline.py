@@ -37,6 +37,7 @@ class DiagnoseOptions:
     write_masks: bool = True
     use_learned_models: bool = True  # the bundled models (pneumoct.learned); False = classical path only
     weights_dir: str | None = None   # None = bundled weights (or $PNEUMOCT_WEIGHTS)
+    slice_probability: str = "area"  # per-slice lesion_probability: calibrated threshold area, or "model" (CNN)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         timing["load_models"] = time.perf_counter() - t
         if models:
             t = time.perf_counter()
-            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=lesion_area)
+            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=lesion_area,
+                                         slice_probability=opts.slice_probability)
             timing["learned_models"] = time.perf_counter() - t
     if learned.patient_probabilities is not None:
         patient = learned_patient_result(learned, rule_result=patient)
@@ -122,10 +124,11 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     }
     if learned.lesion_probability is not None:
         models_used["slice_lesion_probability"] = (
-            ("lesion_presence (learned, trained on real CT) fused with the threshold baseline's lesion area by a "
-             "logistic regression fitted on 3 real DICOM studies" if learned.lesion_probability_kind == "fused"
-             else "lesion_presence (learned, trained on real CT)")
-            + "; the model's own score is slices[].lesion_model_score; 0 for slices without lung")
+            ("threshold-baseline lesion area through a logistic calibration fitted on the radiologist slice labels "
+             "of 3 real DICOM studies (shipped with lesion_presence; it ranked held-out slices better than the "
+             "network, docs/models.md)" if learned.lesion_probability_kind == "area"
+             else "lesion_presence network (trained on real CT), calibrated on 3 real DICOM studies")
+            + "; the network's own score is slices[].lesion_model_score; 0 for slices without lung")
     if learned.slice_class_probabilities is not None:
         models_used["slice_class_probabilities"] = "m3lung_slice (learned, trained on synthetic phantoms only)"
     if learned.provenance:
