@@ -57,7 +57,7 @@ def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max
             boxes = boxes_from_saliency(cam)
             rgb = draw_boxes_rgb(rgb, boxes, colour=(0, 255, 0), thickness=2)
             images.append({"uri": png_data_uri(_resize_rgb(rgb, aspect)),
-                           "caption": f"CAM, lesion model (real-data), {len(boxes)} box(es)"})
+                           "caption": f"CAM (Conv4), lesion network (real-data), {len(boxes)} box(es)"})
         proto = learned.slice_map("prototype", z)
         if proto is not None:
             images.append({"uri": png_data_uri(_resize_rgb(overlay_map_rgb(grey, proto), aspect)),
