@@ -1,4 +1,5 @@
-"""Evaluation of patient-level classification (metrics, bootstrap CIs / p-values, group-wise results, ROC plots)."""
+"""Evaluation of patient-level classification (metrics, bootstrap CIs / p-values, group-wise results, ROC plots)
+and of lesion segmentation (overlap, E-/S-measure and surface metrics, see ``segmentation``)."""
 from __future__ import annotations
 
 from .classification import (
@@ -14,6 +15,17 @@ from .classification import (
     roc_auc,
     roc_curve,
 )
+from .segmentation import (
+    assd,
+    dice,
+    e_measure,
+    hd95,
+    iou,
+    normalized_surface_dice,
+    rmsd,
+    s_measure,
+    segmentation_report,
+)
 
 __all__ = [
     "accuracy_metric",
@@ -27,4 +39,13 @@ __all__ = [
     "plot_roc_png",
     "roc_auc",
     "roc_curve",
+    "assd",
+    "dice",
+    "e_measure",
+    "hd95",
+    "iou",
+    "normalized_surface_dice",
+    "rmsd",
+    "s_measure",
+    "segmentation_report",
 ]
