@@ -108,6 +108,22 @@ def cmd_crop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .segmentation import segment_path
+
+    result = segment_path(args.input, args.out, segmenter_path=args.model, binary=args.binary,
+                          threshold=args.threshold)
+    if result["input"]["kind"] == "study":
+        print(f"{args.out}: lesion mask {result['outputs']['mask']} ({result['lesion_volume_ml']} mL of lesion); "
+              f"details in segment.json")
+    else:
+        n_ok, n_bad = result["input"]["n_ok"], result["input"]["n_failed"]
+        print(f"{args.out}: {n_ok} PNG mask(s) from 2D image(s) without HU, {n_bad} failed; details in segment.json")
+        if n_bad:
+            return EXIT_INPUT
+    return EXIT_OK
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate.run import evaluate_predictions, metrics_text, read_predictions_csv, write_predictions_csv
 
@@ -180,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=224, help="output size in pixels (square)")
     p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("segment", help="lesion masks from a segmentation model (studies → NIfTI, 2D images → PNG)")
+    p.add_argument("input", help="a study (any format diagnose reads), a 2D PNG/JPG image, or a folder of them")
+    p.add_argument("--out", required=True, help="output folder: lesion_mask.nii.gz or <stem>.png masks, segment.json")
+    p.add_argument("--model", default=None, metavar="CHECKPOINT_DIR",
+                   help="a segmentation checkpoint folder (default: the bundled weights/lesion_seg)")
+    p.add_argument("--binary", action="store_true", help="lesion / no lesion only (PNG masks 0/255, NIfTI 0/1)")
+    p.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold (default 0.5)")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="metrics of predictions (or of a checkpoint on data): per-class, FPE/FNE/FDPE, "
                        "ROC, bootstrap CIs and p-values, results by lesion volume ratio")

@@ -1,0 +1,412 @@
+"""Lesion segmentation with a trained 2D segmenter (``pneumoct segment``; see docs/segment.md).
+
+    seg = load_segmenter()                      # bundled weights/lesion_seg, or None when absent
+    out = segment_volume(hu, lung_labels, seg)  # (Z, Y, X) mask 0/1/2 (or 0/1) + float16 lesion probability
+    mask = segment_image(grey8, seg)            # one 8-bit 2D image -> (Y, X) uint8
+    segment_path(input, out_dir)                # a study -> lesion_mask.nii.gz; 2D image(s) -> PNG masks
+
+Every slice goes through :mod:`pneumoct.preprocess.slice_input` (the same lung box, resize and window the
+training tables use), the network runs on the crops, and its probabilities are put back on the slice grid with
+:func:`~pneumoct.preprocess.slice_input.map_back_to_slice` (bilinear), thresholded, and kept only inside the
+lung mask dilated by a few pixels (``lung_margin_px``; 5 mm on CT): a lesion is never reported in the chest wall,
+the mediastinum or outside the body, while consolidation against the pleura that the lung mask missed by a
+pixel or two is kept. Slices with too little lung are not offered to the network and stay empty.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import PneumoctInputError
+from .preprocess.slice_input import (
+    LESION_MODEL_WINDOW,
+    crop_slice,
+    crop_volume_slices,
+    grey_to_unit,
+    map_back_to_slice,
+    window_input,
+)
+from .types import LESION_CONSOLIDATION, LESION_GGO
+
+log = logging.getLogger("pneumoct.segmentation")
+
+__all__ = ["Segmenter", "SegmentationOutput", "load_segmenter", "segment_volume", "segment_image",
+           "segment_path", "BUNDLED_KEY", "MASK_NAME", "JSON_NAME"]
+
+BUNDLED_KEY = "lesion_seg"
+MASK_NAME = "lesion_mask.nii.gz"
+JSON_NAME = "segment.json"
+DEFAULT_LUNG_MARGIN_MM = 5.0
+DEFAULT_LUNG_MARGIN_PX_2D = 3  # 2D images carry no pixel size
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Segmenter:
+    """A loaded segmentation network and its checkpoint info (``meta`` from ``model.json``)."""
+
+    model: Any
+    info: dict
+    path: Path
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.info.get("meta") or {})
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 1))
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta.get("input_size", 128))
+
+    @property
+    def channels(self) -> int:
+        return int(self.meta.get("channels", 1))
+
+    @property
+    def window(self) -> tuple[float, float]:
+        w = self.meta.get("window") or list(LESION_MODEL_WINDOW)
+        return float(w[0]), float(w[1])
+
+    def provenance(self) -> dict:
+        m = self.meta
+        return {
+            "architecture": self.info.get("model_name"),
+            "checkpoint": str(self.path),
+            "sha256": self.info.get("sha256"),
+            "num_classes": self.num_classes,
+            "classes": m.get("classes"),
+            "input_size": self.input_size,
+            "window": list(self.window),
+            "trained_on": m.get("trained_on", "unknown"),
+            "data_kind": m.get("data_kind", "unknown"),
+            "validation": m.get("validation_summary"),
+        }
+
+
+@dataclass
+class SegmentationOutput:
+    """``mask`` (Z, Y, X) uint8: 0 background, 1 GGO, 2 consolidation (multi-class) or 0/1 (binary model);
+    ``probability`` (Z, Y, X) float16 lesion probability (0 outside the lung boxes); ``timing`` seconds."""
+
+    mask: np.ndarray
+    probability: np.ndarray
+    timing: dict[str, float] = field(default_factory=dict)
+    slices_run: np.ndarray | None = None  # z indices offered to the network
+
+
+def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
+    """A checkpoint folder, or the bundled ``weights/lesion_seg`` (``$PNEUMOCT_WEIGHTS`` honoured) when None.
+
+    Returns None when no path is given and no bundled segmenter exists. A given path that is not a finished
+    segmentation checkpoint is a :class:`PneumoctInputError`."""
+    from .train.checkpoint import load_checkpoint
+
+    if path is None:
+        from .learned import bundled_weights_dir
+
+        d = bundled_weights_dir() / BUNDLED_KEY
+        if not (d / "model.json").is_file():
+            return None
+    else:
+        d = Path(path)
+        if not d.exists():
+            raise PneumoctInputError("bad_checkpoint", f"{d}: model folder does not exist")
+    model, info = load_checkpoint(d)
+    family = (info.get("meta") or {}).get("family")
+    if family != "segmentation":
+        raise PneumoctInputError("bad_checkpoint", f"{d}: not a segmentation model (meta.family = {family!r})")
+    model.eval()
+    return Segmenter(model=model, info=info, path=d)
+
+
+def _lung_limit(lung2d: np.ndarray, margin_px: int) -> np.ndarray:
+    lung2d = np.asarray(lung2d) > 0
+    if margin_px <= 0 or not lung2d.any():
+        return lung2d
+    return ndi.binary_dilation(lung2d, structure=ndi.generate_binary_structure(2, 1), iterations=int(margin_px))
+
+
+def _probabilities(segmenter: Segmenter, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, S, S) network inputs in [0, 1] → (N, K', S, S) probabilities; K' = 1 (lesion) for a binary model,
+    K classes (softmax) otherwise."""
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+    if segmenter.channels > 1:
+        xt = xt.expand(-1, segmenter.channels, -1, -1)
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(xt), max(1, int(batch_size))):
+            res = segmenter.model(xt[s:s + batch_size].contiguous())
+            logits = res["logits"] if isinstance(res, dict) else res
+            logits = logits.float()
+            if logits.shape[-2:] != xt.shape[-2:]:
+                logits = torch.nn.functional.interpolate(logits, size=tuple(xt.shape[-2:]), mode="bilinear",
+                                                         align_corners=False)
+            if logits.shape[1] == 1:
+                out.append(torch.sigmoid(logits).numpy())
+            else:
+                out.append(torch.softmax(logits, 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1) + tuple(x.shape[-2:]), np.float32)
+
+
+def _label_slice(probs: np.ndarray, crop, limit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(K', S, S) crop probabilities → (mask, lesion probability) on the slice grid."""
+    full = map_back_to_slice(probs.astype(np.float32), crop, order=1, fill=0.0)  # (K', Y, X)
+    if full.shape[0] == 1:
+        lesion = np.clip(full[0], 0.0, 1.0)
+        mask = ((lesion >= threshold) & limit).astype(np.uint8)
+    else:
+        # outside the box the map is filled with 0 for every class: lesion probability 0 there
+        lesion = np.clip(full[1:].sum(0), 0.0, 1.0)
+        cls = (np.argmax(full[1:], axis=0) + 1).astype(np.uint8)
+        mask = np.where((lesion >= threshold) & limit, cls, 0).astype(np.uint8)
+    lesion = np.where(limit, lesion, 0.0)
+    return mask, lesion
+
+
+def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter, *, batch_size: int = 16,
+                   threshold: float = 0.5, lung_margin_px: int = 2, is_hu: bool = True) -> SegmentationOutput:
+    """Segment lesions in a (Z, Y, X) volume (HU, canonical; ``is_hu=False`` for a stack of 8-bit images).
+
+    Each slice with lung is cropped to its lung box, windowed with the model's ``meta.window`` (or scaled
+    /255 for 8-bit grey), run through the network in batches, and its probabilities put back on the slice grid
+    (bilinear). Lesions are kept only inside the lung mask dilated by ``lung_margin_px`` pixels."""
+    hu = np.asarray(hu)
+    lung_labels = np.asarray(lung_labels)
+    if hu.ndim != 3 or lung_labels.shape != hu.shape:
+        raise ValueError(f"need a (Z, Y, X) volume and lung labels of the same shape, got {hu.shape} / "
+                         f"{lung_labels.shape}")
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
+    size = segmenter.input_size
+    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, size)
+    mask = np.zeros(hu.shape, np.uint8)
+    prob = np.zeros(hu.shape, np.float16)
+    timing["crop"] = time.perf_counter() - t
+    if z_idx.size == 0:
+        return SegmentationOutput(mask, prob, timing, z_idx)
+    images = np.stack([crops[k].image for k in z_idx]).astype(np.float32)
+    x = window_input(images, *segmenter.window) if is_hu else grey_to_unit(images)
+    t = time.perf_counter()
+    probs = _probabilities(segmenter, x, batch_size)
+    timing["network"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, k in enumerate(z_idx):
+        limit = _lung_limit(lung_labels[k], lung_margin_px)
+        m, p = _label_slice(probs[i], crops[k], limit, threshold)
+        mask[k] = m
+        prob[k] = p.astype(np.float16)
+    timing["map_back"] = time.perf_counter() - t
+    return SegmentationOutput(mask, prob, timing, z_idx)
+
+
+def segment_image(image8bit: np.ndarray, segmenter: Segmenter, lung: np.ndarray | None = None, *,
+                  threshold: float = 0.5, lung_margin_px: int = DEFAULT_LUNG_MARGIN_PX_2D) -> np.ndarray:
+    """One 8-bit 2D image (Y, X) (already windowed by its exporter) → (Y, X) uint8 lesion mask. Lungs from
+    :func:`~pneumoct.preprocess.lung_mask.segment_lungs_2d` unless ``lung`` is given. Too little lung → empty."""
+    img = np.asarray(image8bit)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        img = img[..., :3].astype(np.float32).mean(-1)
+    if img.ndim != 2:
+        raise PneumoctInputError("bad_image", f"expected a 2D grey image, got shape {img.shape}")
+    if lung is None:
+        from .preprocess.lung_mask import segment_lungs_2d
+
+        lung = segment_lungs_2d(img.astype(np.float32))
+    lung = np.asarray(lung) > 0
+    if lung.shape != img.shape:
+        raise ValueError(f"lung mask shape {lung.shape} differs from image shape {img.shape}")
+    crop = crop_slice(img.astype(np.float32), lung, segmenter.input_size)
+    if crop is None:
+        return np.zeros(img.shape, np.uint8)
+    probs = _probabilities(segmenter, grey_to_unit(crop.image)[None], 1)
+    m, _ = _label_slice(probs[0], crop, _lung_limit(lung, lung_margin_px), threshold)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _is_2d_input(path: Path) -> tuple[bool, list[Path]]:
+    """(True, images) for a 2D image or a folder holding 2D images and no DICOM; (False, []) otherwise."""
+    from .io import IMAGE2D_SUFFIXES, _is_dicom_file, suffix_of
+
+    if path.is_file():
+        return (suffix_of(path) in IMAGE2D_SUFFIXES, [path] if suffix_of(path) in IMAGE2D_SUFFIXES else [])
+    if not path.is_dir():
+        return False, []
+    from .io.dicom import looks_like_raw_dicom
+
+    images, other = [], []
+    for p in sorted(path.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        (images if suffix_of(p) in IMAGE2D_SUFFIXES else other).append(p)
+    if not images:
+        return False, []
+    if any(_is_dicom_file(p) or looks_like_raw_dicom(p) for p in other):
+        return False, []
+    return True, images
+
+
+def _stem(path: Path, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return name
+
+
+def _clear_stale(out_dir: Path) -> None:
+    """A rerun into the same folder must not leave the old ``segment.json`` looking like it describes new masks."""
+    (out_dir / JSON_NAME).unlink(missing_ok=True)
+
+
+def segment_path(input_path: str | Path, out_dir: str | Path, *, segmenter_path: str | Path | None = None,
+                 binary: bool = False, threshold: float = 0.5, segmenter: Segmenter | None = None) -> dict:
+    """Segment a study or 2D image(s) from disk; writes masks and ``segment.json`` (last). Returns the JSON dict.
+
+    Study (any format ``diagnose`` reads) → ``out_dir/lesion_mask.nii.gz`` in the study's geometry (values
+    0/1/2, or 0/1 with ``binary`` or a binary model). A 2D image, or a folder of them → ``<stem>.png`` per image
+    (values 0/1/2, or 0/255 with ``binary``); an unreadable image in a folder is recorded as failed."""
+    t0 = time.perf_counter()
+    src = Path(input_path)
+    if not src.exists():
+        raise PneumoctInputError("not_found", "input path does not exist")
+    if not 0.0 < float(threshold) < 1.0:
+        raise PneumoctInputError("bad_argument", f"--threshold must be between 0 and 1, got {threshold}")
+    if segmenter is None:
+        segmenter = load_segmenter(segmenter_path)
+    if segmenter is None:
+        raise PneumoctInputError("no_model", "no lesion segmentation model: none is bundled (weights/lesion_seg); "
+                                 "give one with --model CHECKPOINT_DIR")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+    is2d, images = _is_2d_input(src)
+    if is2d:
+        result = _segment_images(images, out, segmenter, binary=binary, threshold=threshold)
+    else:
+        result = _segment_study(src, out, segmenter, binary=binary, threshold=threshold)
+    result["model"] = segmenter.provenance()
+    result["threshold"] = float(threshold)
+    result["binary"] = bool(binary)
+    result["timing"]["total"] = round(time.perf_counter() - t0, 3)
+    result["note"] = ("Research use only; not a medical device. Lesions are kept only inside the lung mask "
+                      "dilated by a small margin (see docs/segment.md).")
+    from .io.writers import write_json
+
+    write_json(out / JSON_NAME, result)
+    return result
+
+
+def _class_names(segmenter: Segmenter, binary: bool) -> dict[str, str]:
+    if binary or segmenter.num_classes == 1:
+        return {"0": "background", "1": "lesion"}
+    return {"0": "background", str(LESION_GGO): "ggo", str(LESION_CONSOLIDATION): "consolidation"}
+
+
+def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, threshold: float) -> dict:
+    from .io import read_study
+    from .io.writers import write_volume
+    from .preprocess.lung_mask import segment_lungs
+
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
+    study = read_study(src)
+    timing["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lungs = segment_lungs(study).labels
+    timing["lung_mask"] = time.perf_counter() - t
+    pixel_mm = float(min(study.spacing[1], study.spacing[2]))
+    margin = max(1, int(round(DEFAULT_LUNG_MARGIN_MM / max(pixel_mm, 1e-3))))
+    seg = segment_volume(study.hu, lungs, segmenter, threshold=threshold, lung_margin_px=margin)
+    timing.update({k: v for k, v in seg.timing.items()})
+    mask = seg.mask
+    if binary:
+        mask = (mask > 0).astype(np.uint8)
+    t = time.perf_counter()
+    write_volume(out / MASK_NAME, mask, study)
+    timing["write"] = time.perf_counter() - t
+    px_mm2 = float(study.spacing[1] * study.spacing[2])
+    voxel_ml = float(np.prod(study.spacing)) / 1000.0
+    run = set(int(k) for k in (seg.slices_run if seg.slices_run is not None else []))
+    per_slice = []
+    for k, info in enumerate(study.slices):
+        counts = np.bincount(mask[k].ravel(), minlength=3)
+        entry = {"index": int(k), "position_mm": round(float(info.position_mm), 3), "segmented": k in run,
+                 "lesion_pixels": int(counts[1:].sum()), "lesion_area_mm2": round(float(counts[1:].sum()) * px_mm2, 2)}
+        if not binary and segmenter.num_classes > 1:
+            entry["ggo_area_mm2"] = round(float(counts[LESION_GGO]) * px_mm2, 2)
+            entry["consolidation_area_mm2"] = round(float(counts[LESION_CONSOLIDATION]) * px_mm2, 2)
+        per_slice.append(entry)
+    counts = np.bincount(mask.ravel(), minlength=3)
+    return {
+        "input": {"kind": "study", "format": study.source_format, "shape_zyx": list(study.shape),
+                  "spacing_zyx_mm": [float(s) for s in study.spacing],
+                  "warnings": [w.to_dict() for w in study.warnings]},
+        "outputs": {"mask": MASK_NAME, "values": _class_names(segmenter, binary)},
+        "lung_margin_px": margin,
+        "lesion_volume_ml": round(float(counts[1:].sum()) * voxel_ml, 3),
+        "lung_volume_ml": round(float(np.count_nonzero(lungs)) * voxel_ml, 3),
+        "slices": per_slice,
+        "timing": {k: round(v, 3) for k, v in timing.items()},
+    }
+
+
+def _segment_images(images: list[Path], out: Path, segmenter: Segmenter, *, binary: bool, threshold: float) -> dict:
+    from PIL import Image
+
+    from .io.images2d import _load_grey, _natural_key
+    from .io.writers import atomic_path
+
+    single = len(images) == 1
+    used: set[str] = set()
+    records = []
+    t = time.perf_counter()
+    for p in sorted(images, key=_natural_key):
+        name = _stem(p, used) + ".png"
+        try:
+            grey, _, _ = _load_grey(p)
+            mask = segment_image(grey, segmenter, threshold=threshold)
+        except PneumoctInputError as exc:
+            if single:
+                raise
+            records.append({"input": p.name, "status": "failed", "code": exc.code, "error": str(exc)})
+            continue
+        if binary:
+            mask = np.where(mask > 0, 255, 0).astype(np.uint8)
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(mask).save(tmp, format="PNG")
+        counts = np.bincount(mask.ravel() if not binary else (mask > 0).ravel().astype(np.uint8), minlength=3)
+        rec = {"input": p.name, "status": "ok", "mask": name, "shape_yx": list(mask.shape),
+               "lesion_pixels": int(counts[1:].sum())}
+        if not binary and segmenter.num_classes > 1:
+            rec["ggo_pixels"] = int(counts[LESION_GGO])
+            rec["consolidation_pixels"] = int(counts[LESION_CONSOLIDATION])
+        records.append(rec)
+    n_ok = sum(r["status"] == "ok" for r in records)
+    if n_ok == 0:
+        raise PneumoctInputError("unreadable_file", f"none of the {len(records)} 2D image(s) could be read")
+    values = ({"0": "background", "255": "lesion"} if binary else _class_names(segmenter, binary))
+    return {
+        "input": {"kind": "image2d", "hounsfield": False, "n_images": len(records), "n_ok": n_ok,
+                  "n_failed": len(records) - n_ok,
+                  "warnings": [{"code": "2d_image_no_hu", "message": "8-bit images without Hounsfield units: "
+                                "the network input is grey/255, not the HU window"}]},
+        "outputs": {"values": values},
+        "lung_margin_px": DEFAULT_LUNG_MARGIN_PX_2D,
+        "images": records,
+        "timing": {"images": round(time.perf_counter() - t, 3)},
+    }
