@@ -6,8 +6,9 @@
 Schema (defaults in the dataclasses below; see ``docs/training.md``)::
 
     model:   {name: multiscale_cam_cpu, kwargs: {num_classes: 4}}
-    task:    slice | patient
-    family:  multiscale_cam | m3lung_slice | jcs | m3lung_patient   (derived from model.name when omitted)
+    task:    slice | patient | segmentation
+    family:  multiscale_cam | m3lung_slice | jcs | m3lung_patient | segmentation   (derived from model.name when
+             omitted; jcs_seg* and unet* -> segmentation)
     data:    {tables: [{kind, path, limit}], size, channels, target, m3lung_rule, cache_dir, window_center,
               window_width}
     split:   {val_fraction, seed, kfold, fold}
@@ -33,9 +34,9 @@ from ..types import CLASS_NAMES
 
 __all__ = ["TrainConfig", "ModelSpec", "DataConfig", "SplitConfig", "TrainOptions", "LossConfig", "PatientConfig",
            "load_config", "parse_config", "config_to_dict", "apply_overrides", "family_of", "class_names_for",
-           "TARGETS", "FAMILIES"]
+           "TARGETS", "SEG_TARGETS", "FAMILIES"]
 
-FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient")
+FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient", "segmentation")
 # what a row's training label is, from the SliceTable columns
 TARGETS = {
     "class": None,                                   # class_label as is (CLASS_NAMES order, first K)
@@ -43,6 +44,11 @@ TARGETS = {
     "abnormal": ("healthy", "abnormal"),             # class_label != 0
     "covid": ("non_covid", "covid19"),               # class_label == 1 (JCS: COVID vs rest)
     "covid_cap_np": ("non_pneumonia", "covid19", "cap"),  # Hu et al.: other_viral rows dropped
+}
+# segmentation task (pneumoct.train.segment): what the pixel target is, and the class names of the mask
+SEG_TARGETS = {
+    "lesion_binary": ("background", "lesion"),                              # lesion_mask > 0; one sigmoid logit
+    "lesion_multiclass": ("background", "ground_glass", "consolidation"),   # lesion_mask 0/1/2; softmax over 3
 }
 TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg")
 
@@ -88,6 +94,7 @@ class TrainOptions:
     scheduler: str = "none"
     step_size: int = 30
     lr_gamma: float = 0.1
+    poly_power: float = 0.9  # scheduler "poly" (segmentation task): lr * (1 - iter / max_iter) ** poly_power
     balanced_sampling: bool = True
     balance_by: str = "class"  # class | class_and_look (class x {HU-windowed, 8-bit export})
     early_stopping_patience: int | None = None
@@ -137,6 +144,8 @@ class TrainConfig:
 
     @property
     def class_names(self) -> list[str]:
+        if self.task == "segmentation":
+            return list(SEG_TARGETS[self.data.target])
         return class_names_for(self.data.target, self.num_classes)
 
 
@@ -149,6 +158,8 @@ def _default_classes(model_name: str) -> int:
 
 
 def family_of(model_name: str) -> str:
+    if model_name.startswith("jcs_seg") or model_name.startswith("unet"):
+        return "segmentation"
     if model_name.startswith("multiscale_cam"):
         return "multiscale_cam"
     if model_name.startswith("m3lung_slice"):
@@ -240,18 +251,31 @@ def _choice(value: Any, options: tuple, where: str) -> None:
 
 
 def _validate(cfg: TrainConfig) -> TrainConfig:
-    _choice(cfg.task, ("slice", "patient"), "task")
+    _choice(cfg.task, ("slice", "patient", "segmentation"), "task")
     fam = cfg.family or family_of(cfg.model.name)
     _choice(fam, FAMILIES, "family")
     cfg.family = fam
     if (cfg.task == "patient") != (fam == "m3lung_patient"):
         raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (patient task = m3lung_patient)")
+    if (cfg.task == "segmentation") != (fam == "segmentation"):
+        raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (segmentation task = segmentation family: "
+                   "jcs_seg*, unet*)")
     from ..models import list_models
 
     if cfg.model.name not in list_models():
         raise _bad(f"unknown model {cfg.model.name!r}; known: {', '.join(list_models())}")
     d = cfg.data
-    _choice(d.target, tuple(TARGETS), "data.target")
+    seg = cfg.task == "segmentation"
+    if seg:
+        _choice(d.target, tuple(SEG_TARGETS), "data.target")
+        want = 1 if d.target == "lesion_binary" else len(SEG_TARGETS[d.target])
+        k = cfg.model.kwargs.setdefault("num_classes", want)
+        if k != want:
+            raise _bad(f"data.target {d.target!r} needs model.kwargs.num_classes={want}, got {k}")
+        if cfg.train.monitor == "val_auc":  # the slice-task default; segmentation monitors Dice
+            cfg.train.monitor = "val_dice"
+    else:
+        _choice(d.target, tuple(TARGETS), "data.target")
     if d.size < 16:
         raise _bad("data.size must be at least 16")
     _choice(d.channels, (1, 3), "data.channels")
@@ -268,7 +292,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         ic = cfg.model.kwargs.setdefault("in_channels", d.channels)
         if ic != d.channels:
             raise _bad(f"model.kwargs.in_channels={ic} but data.channels={d.channels}")
-    class_names_for(d.target, cfg.num_classes)
+    if not seg:
+        class_names_for(d.target, cfg.num_classes)
     s = cfg.split
     if not 0.0 < s.val_fraction < 1.0 and s.kfold is None:
         raise _bad("split.val_fraction must be in (0, 1)")
@@ -276,8 +301,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise _bad("split.kfold must be >= 2 and 0 <= split.fold < split.kfold")
     t = cfg.train
     _choice(t.optimizer, ("adam", "sgd"), "train.optimizer")
-    _choice(t.scheduler, ("none", "step", "cosine"), "train.scheduler")
-    _choice(t.monitor, ("val_auc", "val_acc", "val_loss"), "train.monitor")
+    _choice(t.scheduler, ("none", "step", "cosine", "poly") if seg else ("none", "step", "cosine"),
+            "train.scheduler")
+    _choice(t.monitor, ("val_dice", "val_loss") if seg else ("val_auc", "val_acc", "val_loss"), "train.monitor")
     _choice(t.bn_recalibrate, ("off", "end", "epoch"), "train.bn_recalibrate")
     _choice(t.device, ("cpu", "cuda", "auto"), "train.device")
     _choice(t.balance_by, ("class", "class_and_look"), "train.balance_by")

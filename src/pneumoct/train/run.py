@@ -179,6 +179,12 @@ def train_from_config(config: str | Path | TrainConfig, out: str | Path | None =
         cfg = load_config(config, overrides)
         stem = Path(config).stem
     out = Path(out) if out is not None else Path("runs") / stem
+    if cfg.task == "segmentation":
+        from .segment import fit_segmentation
+
+        if resume:
+            raise PneumoctInputError("bad_argument", "the segmentation task does not resume; start a new run")
+        return fit_segmentation(cfg, out, progress=progress)
     if cfg.task == "patient":
         from .patient import fit_patient
 
