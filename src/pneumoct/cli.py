@@ -153,8 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 overrides=args.set)
     best = metrics.get("best") or {}
     out = args.out or f"runs/{Path(args.config).stem}"
+    shown = ("val_dice", "val_loss") if "val_dice" in best else ("val_acc", "val_auc")
     print(f"{out}: trained {len(metrics.get('history', []))} epoch(s); best epoch {best.get('epoch')}: "
-          f"val_acc {best.get('val_acc')}, val_auc {best.get('val_auc')}; checkpoint in {Path(out) / 'best'}")
+          + ", ".join(f"{k} {best.get(k)}" for k in shown) + f"; checkpoint in {Path(out) / 'best'}")
     return EXIT_OK
 
 
