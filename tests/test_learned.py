@@ -161,3 +161,40 @@ def test_area_probability_and_slice_probability_modes(weights):
     np.testing.assert_allclose(m.lesion_probability[ok], m.lesion_probability_model[ok], rtol=1e-5)
     assert a.lesion_probability_kind == "area" and m.lesion_probability_kind == "model"
     del models["lesion_presence"].info["meta"]["area_calibration"]
+
+
+def test_diagnose_learned_lesions_option(tmp_path):
+    """--lesions learned: the bundled segmenter's mask feeds the quantification; binary masks are split into
+    ground-glass / consolidation by HU; without a segmenter the baseline is used."""
+    from pneumoct.preprocess.lung_mask import segment_lungs
+    from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO
+
+    torch.manual_seed(0)
+
+    class AllLesion(torch.nn.Module):  # logits > 0 everywhere: every voxel the segmenter sees is "lesion"
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(5.0))
+
+        def forward(self, x):
+            return {"logits": torch.zeros_like(x[:, :1]) + self.bias}
+
+    from pneumoct import models as registry
+
+    if "test_all_lesion" not in registry.list_models():
+        registry.register("test_all_lesion")(lambda **kw: AllLesion())
+    save_checkpoint(tmp_path / "w" / "lesion_seg", AllLesion(), "test_all_lesion", {},
+                    {"family": "segmentation", "num_classes": 1, "input_size": 32, "channels": 1,
+                     "window": [-600.0, 700.0], "classes": ["background", "lesion"], "trained_on": "nothing"})
+    study, _, _ = toy_chest()
+    out = analyse_study(study, DiagnoseOptions(lesions="learned", weights_dir=str(tmp_path / "w"),
+                                               use_learned_models=False))
+    assert out.result["models"]["lesions"].startswith("learned:lesion_seg")
+    lungs = segment_lungs(study).labels > 0
+    m = out.lesion_mask
+    assert m[lungs].all() or (m[lungs] > 0).mean() > 0.95  # "all lesion" inside the lungs
+    assert set(np.unique(m)) <= {0, LESION_GGO, LESION_CONSOLIDATION}
+    assert np.all(study.hu[m == LESION_CONSOLIDATION] >= -300) and np.all(study.hu[m == LESION_GGO] < -300)
+    base = analyse_study(study, DiagnoseOptions(lesions="learned", weights_dir=str(tmp_path / "none"),
+                                                use_learned_models=False))
+    assert base.result["models"]["lesions"] == "threshold-baseline"

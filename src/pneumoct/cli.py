@@ -40,7 +40,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report,
                            use_learned_models=not getattr(args, "no_models", False),
-                           slice_probability=getattr(args, "slice_probability", "area"))
+                           slice_probability=getattr(args, "slice_probability", "area"),
+                           lesions=getattr(args, "lesions", "threshold"))
     out = Path(args.out)
     if len(args.inputs) == 1:
         result = diagnose(args.inputs[0], out, opts)
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-models", action="store_true",
                    help="classical path only: no learned model (threshold lesion score, rule diagnosis)")
+    p.add_argument("--lesions", choices=["threshold", "learned"], default="threshold",
+                   help="lesion masks from the HU threshold baseline (default) or the bundled learned segmenter "
+                   "(weights/lesion_seg; falls back to the baseline when it is not installed)")
     p.add_argument("--slice-probability", choices=["area", "model"], default="area",
                    help="per-slice lesion_probability: the threshold area calibrated on real labels (default) or "
                    "the lesion network's calibrated score (see docs/models.md for why area is the default)")

@@ -38,6 +38,7 @@ class DiagnoseOptions:
     use_learned_models: bool = True  # the bundled models (pneumoct.learned); False = classical path only
     weights_dir: str | None = None   # None = bundled weights (or $PNEUMOCT_WEIGHTS)
     slice_probability: str = "area"  # per-slice lesion_probability: calibrated threshold area, or "model" (CNN)
+    lesions: str = "threshold"       # lesion masks: "threshold" baseline, or "learned" (bundled lesion_seg segmenter)
 
 
 @dataclass
@@ -62,7 +63,11 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")
 
     t = time.perf_counter()
-    finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+    finding = None
+    if opts.lesions == "learned":
+        finding = learned_lesions(study, lungs.labels, opts.weights_dir)
+    if finding is None:
+        finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
     timing["lesions"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -154,6 +159,41 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     }
     return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask,
                           learned=learned)
+
+
+def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None):
+    """Lesion mask from the bundled segmenter (``weights/lesion_seg``), or None when it is not installed.
+
+    A binary segmenter's lesion voxels are split into ground-glass / consolidation by HU with the threshold
+    baseline's cut (-300 HU), so the quantification keeps both fractions."""
+    import os
+
+    from .quantify.threshold_baseline import LesionFinding
+    from .segmentation import load_segmenter, segment_volume
+    from .types import LESION_CONSOLIDATION, LESION_GGO
+
+    path = None
+    if weights_dir:
+        path = Path(weights_dir) / "lesion_seg"
+    elif os.environ.get("PNEUMOCT_WEIGHTS"):
+        path = Path(os.environ["PNEUMOCT_WEIGHTS"]) / "lesion_seg"
+    if path is not None and not (path / "model.json").is_file():
+        return None
+    seg = load_segmenter(path)
+    if seg is None:
+        return None
+    margin = max(1, int(round(5.0 / float(study.spacing[2]))))
+    out = segment_volume(study.hu, lung_labels, seg, lung_margin_px=margin)
+    mask = out.mask.astype(np.uint8)
+    if seg.num_classes == 1:
+        lesion = mask > 0
+        mask = np.where(lesion, np.where(study.hu >= -300, LESION_CONSOLIDATION, LESION_GGO), 0).astype(np.uint8)
+    prov = seg.provenance()
+    return LesionFinding(mask=mask, probability_map=out.probability.astype(np.float32),
+                         method=f"learned:lesion_seg ({prov.get('architecture', 'segmenter')}, trained on "
+                         f"{prov.get('trained_on', 'real 2D sets')})",
+                         params={"timing_s": {k: round(float(v), 3) for k, v in out.timing.items()},
+                                 "lung_margin_px": margin})
 
 
 def _data_note(learned: LearnedOutput) -> str:

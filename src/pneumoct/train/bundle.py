@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PneumoctInputError
 
-KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient")
+KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient", "lesion_seg")
 
 
 def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = None,
