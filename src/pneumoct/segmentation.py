@@ -30,6 +30,7 @@ from .preprocess.slice_input import (
     crop_slice,
     crop_volume_slices,
     grey_to_unit,
+    harmonise,
     map_back_to_slice,
     window_input,
 )
@@ -198,6 +199,7 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
         return SegmentationOutput(mask, prob, timing, z_idx)
     images = np.stack([crops[k].image for k in z_idx]).astype(np.float32)
     x = window_input(images, *segmenter.window) if is_hu else grey_to_unit(images)
+    x = harmonise(x, segmenter.meta.get("input_transform", "none"))
     t = time.perf_counter()
     probs = _probabilities(segmenter, x, batch_size)
     timing["network"] = time.perf_counter() - t
@@ -230,7 +232,8 @@ def segment_image(image8bit: np.ndarray, segmenter: Segmenter, lung: np.ndarray 
     crop = crop_slice(img.astype(np.float32), lung, segmenter.input_size)
     if crop is None:
         return np.zeros(img.shape, np.uint8)
-    probs = _probabilities(segmenter, grey_to_unit(crop.image)[None], 1)
+    probs = _probabilities(segmenter, harmonise(grey_to_unit(crop.image)[None],
+                                                segmenter.meta.get("input_transform", "none")), 1)
     m, _ = _label_slice(probs[0], crop, _lung_limit(lung, lung_margin_px), threshold)
     return m
 

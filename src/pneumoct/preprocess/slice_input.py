@@ -35,6 +35,8 @@ __all__ = [
     "window_input",
     "grey_to_unit",
     "map_back_to_slice",
+    "harmonise",
+    "INPUT_TRANSFORMS",
 ]
 
 DEFAULT_INPUT_SIZE = 128  # CPU setting; the papers use 224 (M3Lung-Sys, JCS) and 512 (Hu et al.)
@@ -129,3 +131,29 @@ def grey_to_unit(grey_crop: np.ndarray) -> np.ndarray:
 def map_back_to_slice(crop_map: np.ndarray, crop: SliceCrop, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
     """A map on the (size, size) crop grid (heat map, mask) → the full slice grid, registered to the slice."""
     return uncrop_to_slice(crop_map, crop.box, crop.slice_shape, order=order, fill=fill)
+
+
+INPUT_TRANSFORMS = ("none", "clahe")
+
+
+def harmonise(x01: np.ndarray, transform: str = "clahe") -> np.ndarray:
+    """Optional last input step, the same in training and inference: ``"clahe"`` applies contrast-limited
+    adaptive histogram equalisation (kernel 1/8 of the side, clip 0.01) to each (S, S) image in [0, 1].
+
+    Why: the real 2D training sets are 8-bit exports, one of them already CLAHE-enhanced, while DICOM studies are
+    windowed from HU; equalising every input (both looks, and DICOM at inference) removes most of the intensity
+    and local-contrast differences between them. ``"none"`` returns the input.
+    """
+    if transform in (None, "none"):
+        return x01
+    if transform != "clahe":
+        raise ValueError(f"unknown input transform {transform!r}; choose from {INPUT_TRANSFORMS}")
+    from skimage.exposure import equalize_adapthist
+
+    x = np.asarray(x01, np.float32)
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = np.empty_like(flat)
+    k = max(8, x.shape[-1] // 8)
+    for i in range(len(flat)):
+        out[i] = equalize_adapthist(np.clip(flat[i], 0.0, 1.0), kernel_size=k, clip_limit=0.01)
+    return out.reshape(x.shape).astype(np.float32)

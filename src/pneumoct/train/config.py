@@ -69,6 +69,7 @@ class DataConfig:
     cache_dir: str | None = None
     window_center: float = -600.0
     window_width: float = 1200.0
+    input_transform: str = "none"  # none | clahe (preprocess.slice_input.harmonise; segmentation task)
 
 
 @dataclass
@@ -279,6 +280,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if d.size < 16:
         raise _bad("data.size must be at least 16")
     _choice(d.channels, (1, 3), "data.channels")
+    _choice(d.input_transform, ("none", "clahe"), "data.input_transform")
     for i, spec in enumerate(d.tables):
         if not isinstance(spec, dict) or "kind" not in spec:
             raise _bad(f"data.tables[{i}] must be a mapping with 'kind' and 'path'")

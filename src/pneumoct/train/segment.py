@@ -76,8 +76,9 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, table: SliceTable, *, multiclass: bool, binary_only: np.ndarray | None = None,
                  channels: int = 1, augment: Any = None, seed: int = 0,
-                 window: tuple[float, float] = (-600.0, 1200.0)) -> None:
+                 window: tuple[float, float] = (-600.0, 1200.0), input_transform: str = "none") -> None:
         self.table = table
+        self.input_transform = input_transform
         self.multiclass = bool(multiclass)
         self.binary_only = np.zeros(len(table), bool) if binary_only is None else np.asarray(binary_only, bool)
         self.channels = int(channels)
@@ -103,6 +104,10 @@ class SegmentationDataset(Dataset):
             x, mask = augment_slice(t.images[i], bool(t.is_hu[i]), mask, rng, self.augment)
         else:
             x = to_unit(t.images[i], bool(t.is_hu[i]), *self.window)
+        if self.input_transform != "none":
+            from ..preprocess.slice_input import harmonise
+
+            x = harmonise(x, self.input_transform)
         bo = bool(self.binary_only[i])
         if self.multiclass:
             tgt = torch.from_numpy(((mask > 0) if bo else np.minimum(mask, 2)).astype(np.int64))
@@ -324,7 +329,8 @@ def fit_segmentation(cfg: TrainConfig, out_dir, progress: bool = True, table: Sl
         if cfg.augment is not None:
             aug = AugmentConfig(**{kk: (tuple(v) if isinstance(v, list) else v) for kk, v in cfg.augment.items()})
         window = (cfg.data.window_center, cfg.data.window_width)
-        kw = dict(multiclass=multiclass, channels=cfg.data.channels, window=window)
+        kw = dict(multiclass=multiclass, channels=cfg.data.channels, window=window,
+                  input_transform=cfg.data.input_transform)
         train_ds = SegmentationDataset(train_t, binary_only=bin_only[tr_idx], augment=aug, seed=t.seed, **kw)
         plain_train_ds = SegmentationDataset(train_t, binary_only=bin_only[tr_idx], **kw)
         val_ds = SegmentationDataset(val_t, binary_only=bin_only[va_idx], **kw)
@@ -435,6 +441,7 @@ def save_checkpoint_seg(path: Path, model: torch.nn.Module, cfg: TrainConfig, su
     from .checkpoint import save_checkpoint
 
     meta = _checkpoint_meta(cfg, summary, {"num_classes": cfg.num_classes,
+                                           "input_transform": cfg.data.input_transform,
                                            "binary_only_sources": list(BINARY_MASK_SOURCES), **extra})
     meta["data"]["binary_only_rows"] = summary.get("binary_only_rows", 0)
     save_checkpoint(path, model, cfg.model.name, cfg.model.kwargs, meta)
