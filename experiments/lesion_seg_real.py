@@ -47,8 +47,11 @@ def heldout_dice(run: Path) -> dict:
     from pneumoct.train.augment import to_unit
 
     w = (info.get("meta") or {}).get("window") or [-600.0, 1200.0]
-    x = torch.from_numpy(np.stack([to_unit(table.images[i], bool(table.is_hu[i]), float(w[0]), float(w[1]))
-                                   for i in va])[:, None].astype(np.float32))
+    from pneumoct.preprocess.slice_input import harmonise
+
+    x01 = np.stack([to_unit(table.images[i], bool(table.is_hu[i]), float(w[0]), float(w[1])) for i in va])
+    x01 = harmonise(x01, (info.get("meta") or {}).get("input_transform", "none"))
+    x = torch.from_numpy(x01[:, None].astype(np.float32))
     probs = []
     with torch.inference_mode():
         for s in range(0, len(x), 32):
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--install", default=None)
+    ap.add_argument("--both-windows", action="store_true")
     args = ap.parse_args(argv)
     import torch
 
@@ -109,8 +113,9 @@ def main(argv=None) -> int:
         run = Path(r)
         entry = {"heldout": heldout_dice(run)}
         print(run.name, json.dumps(entry["heldout"]), flush=True)
-        entry["dicom"] = {f"window_{int(DICOM_WINDOW[0])}_{int(DICOM_WINDOW[1])}": dicom_check(run / "best", DICOM_WINDOW),
-                          "window_-600_1200": dicom_check(run / "best", (-600.0, 1200.0))}
+        entry["dicom"] = {f"window_{int(DICOM_WINDOW[0])}_{int(DICOM_WINDOW[1])}": dicom_check(run / "best", DICOM_WINDOW)}
+        if "--both-windows" in sys.argv:
+            entry["dicom"]["window_-600_1200"] = dicom_check(run / "best", (-600.0, 1200.0))
         res["runs"][run.name] = entry
     if args.install:
         from pneumoct.train.bundle import install_run
