@@ -226,3 +226,18 @@ def test_multiclass_labels_and_lung_limit_on_a_2d_image():
     assert m[33:47, 23:37].min() == 1 and m[33:47, 23:37].max() == 1
     assert m[33:47, 58:72].min() == 2 and m[33:47, 58:72].max() == 2
     assert m[55:70, 20:80].max() == 0 and m[:15].max() == 0
+
+
+def test_bundled_segmenter_on_real_dicom(tmp_path):
+    """The shipped segmenter through the DICOM path: lesions in the COVID-19 study, almost none in the normal one."""
+    from conftest import REAL_STUDIES, require_real_data
+
+    from pneumoct.segmentation import load_segmenter, segment_path
+
+    require_real_data()
+    if load_segmenter() is None:
+        pytest.skip("no bundled segmenter in this checkout")
+    covid = segment_path(REAL_STUDIES["covid19"], tmp_path / "c")
+    normal = segment_path(REAL_STUDIES["healthy"], tmp_path / "n")
+    assert covid["lesion_volume_ml"] > 50, covid["lesion_volume_ml"]
+    assert normal["lesion_volume_ml"] < 20, normal["lesion_volume_ml"]
