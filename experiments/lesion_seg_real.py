@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         res["installed"] = {"run": Path(args.install).name, "weights": str(dest.relative_to(ROOT))}
     out = ROOT / "experiments/results/lesion_seg_real.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
+    res["runs"] = {**prev.get("runs", {}), **res["runs"]}  # keep other runs' results
     prev.update(res)
     out.write_text(json.dumps(prev, indent=2, default=str) + "\n")
     return 0
