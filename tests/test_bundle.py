@@ -20,7 +20,8 @@ def _fake_run(root, sources):
     return root
 
 
-@pytest.mark.parametrize("sources,kind", [(["phantom"], "synthetic"), (["covid-ct-md", "lung-crop:medseg"], "real")])
+@pytest.mark.parametrize("sources,kind", [(["phantom"], "synthetic"), (["covid-ct-md", "lung-crop:medseg"], "real"),
+                                          (["covid19-ct-seg-png", "medseg", "phantom"], "real+synthetic")])
 def test_install_records_provenance(tmp_path, sources, kind):
     torch.manual_seed(0)
     run = _fake_run(tmp_path / "run", sources)
@@ -31,6 +32,9 @@ def test_install_records_provenance(tmp_path, sources, kind):
     assert model.meta["validation_summary"]["val_acc"] == 0.75
     if kind == "real":
         assert model.meta["trained_on"].endswith("covid-ct-md, medseg")
+    if kind == "real+synthetic":  # a mixed run names both, never "synthetic only" nor "real" alone
+        assert model.meta["trained_on"] == ("real public CT: covid19-ct-seg-png, medseg + synthetic phantoms "
+                                            "(pneumoct.synth)")
 
 
 def test_install_refuses_unfinished_run(tmp_path, capsys):

@@ -99,6 +99,7 @@ def test_no_models_option_and_missing_weights(tmp_path):
     out = analyse_study(study, DiagnoseOptions(use_learned_models=False))
     assert out.result["patient"]["model"]["kind"] == "rule"
     assert "learned" not in out.result["models"]
+    assert out.result["models"]["lesions"] == "threshold-baseline" and out.result["segmentation"]["ran"] is False
     out2 = analyse_study(study, DiagnoseOptions(weights_dir=str(tmp_path / "empty")))
     assert out2.result["patient"]["model"]["kind"] == "rule"
 
@@ -198,3 +199,77 @@ def test_diagnose_learned_lesions_option(tmp_path):
     base = analyse_study(study, DiagnoseOptions(lesions="learned", weights_dir=str(tmp_path / "none"),
                                                 use_learned_models=False))
     assert base.result["models"]["lesions"] == "threshold-baseline"
+
+
+def _all_lesion_weights(root):
+    """weights/lesion_seg = a segmenter that calls every voxel it sees "lesion" (the gate is under test)."""
+
+    class AllLesion(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(5.0))
+
+        def forward(self, x):
+            return {"logits": torch.zeros_like(x[:, :1]) + self.bias}
+
+    from pneumoct import models as registry
+
+    if "test_all_lesion" not in registry.list_models():
+        registry.register("test_all_lesion")(lambda **kw: AllLesion())
+    save_checkpoint(root / "lesion_seg", AllLesion(), "test_all_lesion", {},
+                    {"family": "segmentation", "num_classes": 1, "input_size": 32, "channels": 1,
+                     "window": [-600.0, 700.0], "classes": ["background", "lesion"], "trained_on": "nothing"})
+    return root
+
+
+def test_learned_lesions_are_the_default_and_joint_mode_gates_segmentation(tmp_path, weights):
+    """JCS joint diagnosis (Fig. 1): with segment_when="positive" the segmenter runs only when the classifier's
+    abnormal probability reaches the threshold; a negative study gets no lesion mask and says so. The default
+    (always) segments every study with the learned segmenter."""
+    import shutil
+
+    root = tmp_path / "w"
+    shutil.copytree(weights, root)
+    _all_lesion_weights(root)
+    study, _, _ = toy_chest()
+    assert DiagnoseOptions().lesions is None and DiagnoseOptions().segment_when == "always"  # None = learned
+
+    always = analyse_study(study, DiagnoseOptions(weights_dir=str(root), write_report=False))
+    seg = always.result["segmentation"]
+    assert seg["ran"] is True and "gate" not in seg
+    assert always.result["models"]["lesions"].startswith("learned:lesion_seg")
+    assert always.result["quantification"]["lesion_volume_ml"] > 0
+    # the segmenter is named in models.learned (and so in the report's table) beside the classifiers
+    assert always.result["models"]["learned"]["lesion_seg"]["architecture"] == "test_all_lesion"
+    assert {"lesion_presence", "m3lung_patient"} <= set(always.result["models"]["learned"])
+    abnormal = always.result["patient"]["abnormal_probability"]
+
+    # gate below the classifier's abnormal probability: positive, segmented, same mask as "always"
+    pos = analyse_study(study, DiagnoseOptions(weights_dir=str(root), segment_when="positive",
+                                               positive_threshold=max(0.0, abnormal - 0.01)))
+    assert pos.result["segmentation"]["gate"]["positive"] is True and pos.result["segmentation"]["ran"] is True
+    assert pos.result["segmentation"]["gate"]["classifier"] == "m3lung_patient"
+    np.testing.assert_array_equal(pos.lesion_mask, always.lesion_mask)
+
+    # gate above it: negative, not segmented, empty mask and zero lesion volume, and the result says why
+    neg = analyse_study(study, DiagnoseOptions(weights_dir=str(root), segment_when="positive",
+                                               positive_threshold=min(1.0, abnormal + 0.01)))
+    g = neg.result["segmentation"]
+    assert g["gate"]["positive"] is False and g["ran"] is False
+    assert g["gate"]["abnormal_probability"] == pytest.approx(abnormal, abs=1e-3)
+    assert not neg.lesion_mask.any() and neg.result["quantification"]["lesion_volume_ml"] == 0
+    assert neg.result["models"]["lesions"].startswith("not segmented")
+    assert "negative" in neg.result["data_note"]
+    # the threshold baseline's per-slice area is still reported beside the (empty) learned mask
+    assert any(s["threshold_lesion_area_mm2"] > 0 for s in neg.result["slices"])
+
+
+def test_joint_mode_without_patient_model_gates_on_the_rule(tmp_path):
+    root = _all_lesion_weights(tmp_path / "w")
+    study, _, _ = toy_chest()
+    out = analyse_study(study, DiagnoseOptions(weights_dir=str(root), segment_when="positive", lesions="learned",
+                                               use_learned_models=False, positive_threshold=1.01))
+    g = out.result["segmentation"]["gate"]
+    assert g["classifier"].startswith("rule") and g["positive"] is False and not out.lesion_mask.any()
+    with pytest.raises(ValueError):
+        analyse_study(study, DiagnoseOptions(weights_dir=str(root), segment_when="sometimes"))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pneumoct import cli
 from pneumoct.io.writers import write_volume
-from pneumoct.pipeline import diagnose
+from pneumoct.pipeline import DiagnoseOptions, diagnose
 from pneumoct.rules import classify_by_rule
 from pneumoct.types import CLASS_NAMES
 
@@ -29,7 +29,9 @@ def toy_nifti(tmp_path_factory):
 def toy_result(toy_nifti, tmp_path_factory):
     path, study, cons = toy_nifti
     out = tmp_path_factory.mktemp("out")
-    result = diagnose(path, out)
+    # the threshold baseline: these tests check its measurements against the toy's known lesions; the learned
+    # default is tested in test_learned.py / test_e2e_phantoms.py
+    result = diagnose(path, out, DiagnoseOptions(lesions="threshold"))
     return out, result, study, cons
 
 
@@ -167,14 +169,20 @@ def test_real_studies_end_to_end(tmp_path):
     label_rows = {"covid19": 0, "cap": 55}  # Index.csv: row 0 = P001, row 55 = cap001
     lesion_ml, lung_ml = {}, {}
     for label, folder in REAL_STUDIES.items():
-        out = analyse_study(read_study(folder))
+        out = analyse_study(read_study(folder))  # the default: learned segmenter, threshold baseline beside it
+        assert out.result["segmentation"]["ran"] is True
         if label in label_rows:
-            # docs/data_notes.md: label column i is canonical slice i (superior first, SliceLocation descending)
-            area = np.array([s["lesion_area_mm2"] for s in out.result["slices"]])
+            # docs/data_notes.md: label column i is canonical slice i (superior first, SliceLocation descending);
+            # checked with the threshold baseline's per-slice area (reported beside the learned mask)
+            area = np.array([s["threshold_lesion_area_mm2"] for s in out.result["slices"]])
             radiologist = slice_labels[label_rows[label], : len(area)].astype(float)
             same = np.corrcoef(radiologist, area)[0, 1]
             reversed_ = np.corrcoef(radiologist[::-1], area)[0, 1]
             assert same > 0.45 and same > reversed_ + 0.2, (label, same, reversed_)
+            # the learned segmenter's area follows the radiologists too, more weakly on the COVID-19 study
+            # (measured r = 0.31 there; docs/models.md)
+            learned_area = np.array([s["lesion_area_mm2"] for s in out.result["slices"]])
+            assert np.corrcoef(radiologist, learned_area)[0, 1] > 0.2, label
         q = out.result["quantification"]
         lung_ml[label] = q["lung_volume_ml"]["total"]
         lesion_ml[label] = q["lesion_volume_ml"]
@@ -187,8 +195,9 @@ def test_real_studies_end_to_end(tmp_path):
         first = next(p for p in sorted(folder.iterdir()) if p.suffix == ".dcm")
         patient_id = str(pydicom.dcmread(first, stop_before_pixels=True).PatientID)
         assert patient_id and patient_id not in text  # no patient identifier in the result
-    assert lesion_ml["covid19"] > lesion_ml["healthy"]
-    assert lesion_ml["cap"] > lesion_ml["healthy"]
+    assert lesion_ml["covid19"] > 5 * max(lesion_ml["healthy"], 1.0)
+    assert lesion_ml["cap"] > 5 * max(lesion_ml["healthy"], 1.0)
+    assert lesion_ml["healthy"] < 10.0  # few false positives in the normal study
 
 
 def test_crop_command_on_study_and_on_2d_image(toy_nifti, tmp_path):

@@ -41,7 +41,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report,
                            use_learned_models=not getattr(args, "no_models", False),
                            slice_probability=getattr(args, "slice_probability", "area"),
-                           lesions=getattr(args, "lesions", "threshold"))
+                           # --no-models = the classical path: no learned segmenter either (unless --lesions learned)
+                           lesions=getattr(args, "lesions", None),
+                           segment_when=getattr(args, "segment_when", "always"),
+                           positive_threshold=getattr(args, "positive_threshold", 0.5))
     out = Path(args.out)
     if len(args.inputs) == 1:
         result = diagnose(args.inputs[0], out, opts)
@@ -176,10 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peripheral band for the DeepSC-COVID peripheral lesion ratio (default 10 mm)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-models", action="store_true",
-                   help="classical path only: no learned model (threshold lesion score, rule diagnosis)")
-    p.add_argument("--lesions", choices=["threshold", "learned"], default="threshold",
-                   help="lesion masks from the HU threshold baseline (default) or the bundled learned segmenter "
-                   "(weights/lesion_seg; falls back to the baseline when it is not installed)")
+                   help="classical path only: no learned model (threshold lesion masks and score, rule diagnosis)")
+    p.add_argument("--lesions", choices=["learned", "threshold"], default=None,
+                   help="lesion masks from the bundled learned segmenter (default; weights/lesion_seg, falls back to "
+                   "the baseline when it is not installed) or the HU threshold baseline (default with --no-models)")
+    p.add_argument("--segment-when", choices=["always", "positive"], default="always",
+                   help="JCS joint diagnosis: 'positive' segments only studies the classifier calls abnormal "
+                   "(abnormal probability >= --positive-threshold); 'always' (default) segments every study")
+    p.add_argument("--positive-threshold", type=float, default=0.5,
+                   help="abnormal probability from which --segment-when positive segments a study (default 0.5)")
     p.add_argument("--slice-probability", choices=["area", "model"], default="area",
                    help="per-slice lesion_probability: the threshold area calibrated on real labels (default) or "
                    "the lesion network's calibrated score (see docs/models.md for why area is the default)")

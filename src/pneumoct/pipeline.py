@@ -35,10 +35,17 @@ class DiagnoseOptions:
     lung_params: LungMaskParams = field(default_factory=LungMaskParams)
     write_report: bool = True
     write_masks: bool = True
-    use_learned_models: bool = True  # the bundled models (pneumoct.learned); False = classical path only
+    use_learned_models: bool = True  # the bundled models (pneumoct.learned); False = classical path
     weights_dir: str | None = None   # None = bundled weights (or $PNEUMOCT_WEIGHTS)
     slice_probability: str = "area"  # per-slice lesion_probability: calibrated threshold area, or "model" (CNN)
-    lesions: str = "threshold"       # lesion masks: "threshold" baseline, or "learned" (bundled lesion_seg segmenter)
+    # lesion masks: "learned" (bundled lesion_seg segmenter) or "threshold" (baseline); None = learned when
+    # use_learned_models, else threshold (so use_learned_models=False alone is the whole classical path)
+    lesions: str | None = None
+    # JCS joint diagnosis (Wu et al., Fig. 1): "positive" segments only studies the patient classifier calls
+    # abnormal (abnormal_probability >= positive_threshold); "always" segments every study (our default: a
+    # classifier miss must not hide the lesions from the reader)
+    segment_when: str = "always"
+    positive_threshold: float = 0.5
 
 
 @dataclass
@@ -55,6 +62,9 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     """Run lungs → lesions → quantification → classification on a study already read."""
     opts = options or DiagnoseOptions()
     timing = {} if timing is None else timing
+    lesions_mode = opts.lesions or ("learned" if opts.use_learned_models else "threshold")
+    if lesions_mode not in ("learned", "threshold") or opts.segment_when not in ("always", "positive"):
+        raise ValueError(f"bad lesions / segment_when option: {opts.lesions!r} / {opts.segment_when!r}")
 
     t = time.perf_counter()
     lungs = segment_lungs(study, opts.lung_params)
@@ -62,26 +72,14 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if not lungs.labels.any():
         raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")
 
+    # the threshold baseline always runs (cheap): its per-slice area feeds the calibrated slice probability, the
+    # gate's rule when no learned patient model is installed, and it is the fallback without a segmenter
     t = time.perf_counter()
-    finding = None
-    if opts.lesions == "learned":
-        finding = learned_lesions(study, lungs.labels, opts.weights_dir)
-    if finding is None:
-        finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
-    timing["lesions"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
-    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
-                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
-    lesion_area = per_slice_lesion_area_mm2(finding.mask, study.spacing)
+    threshold_finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+    timing["threshold_lesions"] = time.perf_counter() - t
+    threshold_area = per_slice_lesion_area_mm2(threshold_finding.mask, study.spacing)
     lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
-    lesion_prob = lesion_probability_from_area(lesion_area, lung_area)
-    timing["quantify"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    patient = classify_by_rule(q)
-    timing["classify"] = time.perf_counter() - t
+    threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
     learned = LearnedOutput()
     if opts.use_learned_models:
@@ -90,14 +88,47 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         timing["load_models"] = time.perf_counter() - t
         if models:
             t = time.perf_counter()
-            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=lesion_area,
+            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=threshold_area,
                                          slice_probability=opts.slice_probability)
             timing["learned_models"] = time.perf_counter() - t
+
+    finding = threshold_finding
+    segmentation: dict[str, Any] = {"requested": lesions_mode, "segment_when": opts.segment_when, "ran": False}
+    if lesions_mode == "learned":
+        gate = None
+        if opts.segment_when == "positive":
+            gate = _classifier_gate(learned, threshold_finding, lungs.labels, study, opts)
+            segmentation["gate"] = gate
+        if gate is not None and not gate["positive"]:
+            finding = _not_segmented(study, gate)
+        else:
+            t = time.perf_counter()
+            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir)
+            timing["lesions"] = time.perf_counter() - t
+            if seg_finding is None:
+                segmentation["fallback"] = "no segmenter installed: threshold baseline used"
+            else:
+                finding = seg_finding
+                segmentation["ran"] = True
+    segmentation["method"] = finding.method
+    if finding is threshold_finding:
+        timing["lesions"] = timing["threshold_lesions"]  # "lesions" = the time of the mask used, always present
+
+    t = time.perf_counter()
+    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
+    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
+                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
+    lesion_area = per_slice_lesion_area_mm2(finding.mask, study.spacing)
+    timing["quantify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    patient = classify_by_rule(q)
+    timing["classify"] = time.perf_counter() - t
     if learned.patient_probabilities is not None:
         patient = learned_patient_result(learned, rule_result=patient)
 
     slices = []
-    for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, lesion_prob)):
+    for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, threshold_prob)):
         entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
         if info.sop_instance_uid:
             entry["sop_instance_uid"] = info.sop_instance_uid
@@ -113,6 +144,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             entry["lesion_probability"] = round(float(prob), 4)
         entry["threshold_lesion_score"] = round(float(prob), 4)
         entry["lesion_area_mm2"] = round(float(area), 2)
+        if finding is not threshold_finding:
+            entry["threshold_lesion_area_mm2"] = round(float(threshold_area[k]), 2)
         if learned.slice_class_probabilities is not None:
             cp = learned.slice_class_probabilities[k]
             entry["class_probabilities"] = None if np.isnan(cp).any() else {
@@ -123,7 +156,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     models_used = {
         "lungs": "classical 3D lung segmentation (pneumoct.preprocess.lung_mask, no training)",
         "lesions": finding.method,
-        "slice_lesion_probability": f"{finding.method}: lesion area per slice mapped to [0, 1] "
+        "slice_lesion_probability": "threshold-baseline lesion area per slice mapped to [0, 1] "
         "(not a learned probability)",
         "patient": patient["model"]["name"],
     }
@@ -137,11 +170,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if learned.slice_class_probabilities is not None:
         models_used["slice_class_probabilities"] = "m3lung_slice (learned, trained on synthetic phantoms only)"
     if learned.provenance:
-        models_used["learned"] = learned.provenance
+        models_used["learned"] = dict(learned.provenance)
+    if segmentation["ran"] and "provenance" in finding.params:
+        models_used.setdefault("learned", {})["lesion_seg"] = finding.params["provenance"]
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "pneumoct_version": __version__,
-        "data_note": _data_note(learned),
+        "data_note": _data_note(learned, segmentation),
         "input": {
             "format": study.source_format,
             "warnings": [w.to_dict() for w in study.warnings],
@@ -150,6 +185,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "volume": study.geometry_dict(),
         "models": models_used,
         "lung_segmentation": lungs.info,
+        "segmentation": segmentation,
         "slices": slices,
         "patient": patient,
         "quantification": q,
@@ -193,14 +229,51 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
                          method=f"learned:lesion_seg ({prov.get('architecture', 'segmenter')}, trained on "
                          f"{prov.get('trained_on', 'real 2D sets')})",
                          params={"timing_s": {k: round(float(v), 3) for k, v in out.timing.items()},
-                                 "lung_margin_px": margin})
+                                 "lung_margin_px": margin, "provenance": prov})
 
 
-def _data_note(learned: LearnedOutput) -> str:
-    if not learned.provenance:
+def _classifier_gate(learned: LearnedOutput, threshold_finding, lung_labels: np.ndarray, study: StudyVolume,
+                     opts: DiagnoseOptions) -> dict[str, Any]:
+    """JCS joint diagnosis (Wu et al., Fig. 1): is the study positive for the classifier, so it gets segmented?
+
+    The classifier is the patient network when installed (abnormal = 1 - P(healthy)), else the explicit rule on
+    the threshold baseline's measurements."""
+    if learned.patient_probabilities is not None:
+        abnormal = 1.0 - float(learned.patient_probabilities[CLASS_NAMES.index("healthy")])
+        source = "m3lung_patient"
+    else:
+        q = quantify(threshold_finding.mask, lung_labels, study.spacing, hu=study.hu,
+                     peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
+        abnormal = float(classify_by_rule(q)["abnormal_probability"])
+        source = "rule on the threshold baseline"
+    return {"classifier": source, "abnormal_probability": round(abnormal, 4),
+            "threshold": float(opts.positive_threshold), "positive": bool(abnormal >= opts.positive_threshold)}
+
+
+def _not_segmented(study: StudyVolume, gate: dict[str, Any]):
+    """The lesion finding of a study the classifier called negative in JCS joint mode: no lesion mask."""
+    from .quantify.threshold_baseline import LesionFinding
+
+    return LesionFinding(mask=np.zeros(study.shape, np.uint8), probability_map=None,
+                         method="not segmented: the classifier called the study negative (JCS joint mode, "
+                         f"abnormal probability {gate['abnormal_probability']:.2f} < {gate['threshold']:.2f})",
+                         params={"gate": gate})
+
+
+def _data_note(learned: LearnedOutput, segmentation: dict[str, Any] | None = None) -> str:
+    seg_ran = bool(segmentation and segmentation.get("ran"))
+    if not learned.provenance and not seg_ran:
         return ("No learned model was used: lungs by a classical algorithm, lesions by the HU threshold baseline, "
                 "diagnosis by an explicit rule on the measurements.")
-    parts = ["Lungs by a classical algorithm; lesion masks and measurements by the HU threshold baseline."]
+    if seg_ran:
+        parts = ["Lungs by a classical algorithm; lesion masks and measurements by the learned segmenter "
+                 "(trained on real public 2D CT slices plus synthetic phantoms; validated on real held-out slices, "
+                 "not clinically validated)."]
+    elif segmentation and segmentation.get("gate") and not segmentation["gate"]["positive"]:
+        parts = ["Lungs by a classical algorithm; no lesion segmentation: the classifier called the study negative "
+                 "(JCS joint mode)."]
+    else:
+        parts = ["Lungs by a classical algorithm; lesion masks and measurements by the HU threshold baseline."]
     if learned.lesion_probability is not None:
         parts.append("Per-slice lesion probability and CAM maps: a network trained on real public CT data "
                      "(few patients; validation figures in its model card), not clinically validated.")

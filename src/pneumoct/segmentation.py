@@ -162,15 +162,21 @@ def _probabilities(segmenter: Segmenter, x: np.ndarray, batch_size: int) -> np.n
 
 
 def _label_slice(probs: np.ndarray, crop, limit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(K', S, S) crop probabilities → (mask, lesion probability) on the slice grid."""
-    full = map_back_to_slice(probs.astype(np.float32), crop, order=1, fill=0.0)  # (K', Y, X)
-    if full.shape[0] == 1:
+    """(K', S, S) crop probabilities → (mask, lesion probability) on the slice grid.
+
+    Multi-class: bilinear interpolation is linear, so mapping back P(lesion) = 1 - P(background) and
+    P(consolidation) - P(ground-glass) (two maps instead of three) gives exactly the interpolated lesion
+    probability and the sign of the interpolated class difference: same mask, a third less resampling."""
+    if probs.shape[0] <= 2:  # sigmoid lesion map, or a 2-way softmax (background / lesion)
+        full = map_back_to_slice(probs[-1:].astype(np.float32), crop, order=1, fill=0.0)
         lesion = np.clip(full[0], 0.0, 1.0)
         mask = ((lesion >= threshold) & limit).astype(np.uint8)
     else:
-        # outside the box the map is filled with 0 for every class: lesion probability 0 there
-        lesion = np.clip(full[1:].sum(0), 0.0, 1.0)
-        cls = (np.argmax(full[1:], axis=0) + 1).astype(np.uint8)
+        two = np.stack([1.0 - probs[0], probs[2] - probs[1]]).astype(np.float32)
+        full = map_back_to_slice(two, crop, order=1, fill=0.0)
+        # outside the box the maps are filled with 0: lesion probability 0 there
+        lesion = np.clip(full[0], 0.0, 1.0)
+        cls = np.where(full[1] > 0, LESION_CONSOLIDATION, LESION_GGO).astype(np.uint8)
         mask = np.where((lesion >= threshold) & limit, cls, 0).astype(np.uint8)
     lesion = np.where(limit, lesion, 0.0)
     return mask, lesion

@@ -3,7 +3,8 @@
     python -m pneumoct.train.bundle RUN_DIR --as m3lung_slice [--weights DIR]
 
 Copies ``RUN_DIR/best`` to ``DIR/<key>/`` (default: the package's ``weights/``), re-saved with provenance in its
-meta: ``data_kind`` ("synthetic" when any training source is a phantom, else "real"), ``trained_on`` (the
+meta: ``data_kind`` ("synthetic" when every training source is a phantom, "real+synthetic" when mixed, else
+"real"), ``trained_on`` (the
 sources), ``validation_summary`` (the run's best validation metrics), and the run's model card beside it.
 Write-then-rename: a half-copied model never looks installed.
 """
@@ -34,12 +35,16 @@ def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = 
     meta = dict(info.get("meta") or {})
     data = meta.get("data") or {}
     sources = [str(s) for s in data.get("sources") or []]
-    synthetic = bool(data.get("synthetic")) or any(s.startswith("phantom") for s in sources)
+    synth_sources = sorted({s.split(":")[-1] for s in sources if s.split(":")[-1].startswith("phantom")})
+    real_sources = sorted({s.split(":")[-1] for s in sources} - set(synth_sources))
+    synthetic = bool(synth_sources) or (bool(data.get("synthetic")) and not real_sources)
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     meta.update({
-        "data_kind": "synthetic" if synthetic else "real",
-        "trained_on": ("synthetic phantoms only (pneumoct.synth)" if synthetic
-                       else "real public CT: " + ", ".join(sorted({s.split(":")[-1] for s in sources}))),
+        # a mixed run says both: its figures must be read as coming from real data only where measured on it
+        "data_kind": ("real+synthetic" if synthetic and real_sources else "synthetic" if synthetic else "real"),
+        "trained_on": ("synthetic phantoms only (pneumoct.synth)" if synthetic and not real_sources
+                       else "real public CT: " + ", ".join(real_sources)
+                       + (" + synthetic phantoms (pneumoct.synth)" if synthetic else "")),
         "validation_summary": metrics.get("best"),
         "installed_from_run": run.name,
     })
