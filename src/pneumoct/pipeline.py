@@ -110,6 +110,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             else:
                 finding = seg_finding
                 segmentation["ran"] = True
+                segmentation["timing_s"] = seg_finding.params.get("timing_s", {})
     segmentation["method"] = finding.method
     if finding is threshold_finding:
         timing["lesions"] = timing["threshold_lesions"]  # "lesions" = the time of the mask used, always present
@@ -225,7 +226,7 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
         lesion = mask > 0
         mask = np.where(lesion, np.where(study.hu >= -300, LESION_CONSOLIDATION, LESION_GGO), 0).astype(np.uint8)
     prov = seg.provenance()
-    return LesionFinding(mask=mask, probability_map=out.probability.astype(np.float32),
+    return LesionFinding(mask=mask, probability_map=out.probability,  # float16: 2 bytes a voxel is plenty
                          method=f"learned:lesion_seg ({prov.get('architecture', 'segmenter')}, trained on "
                          f"{prov.get('trained_on', 'real 2D sets')})",
                          params={"timing_s": {k: round(float(v), 3) for k, v in out.timing.items()},

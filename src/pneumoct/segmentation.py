@@ -97,7 +97,8 @@ class Segmenter:
 @dataclass
 class SegmentationOutput:
     """``mask`` (Z, Y, X) uint8: 0 background, 1 GGO, 2 consolidation (multi-class) or 0/1 (binary model);
-    ``probability`` (Z, Y, X) float16 lesion probability (0 outside the lung boxes); ``timing`` seconds."""
+    ``probability`` (Z, Y, X) float16 lesion probability on the slices where it reaches the threshold somewhere
+    (0 outside the lung boxes and on the other slices, which are not mapped back); ``timing`` seconds."""
 
     mask: np.ndarray
     probability: np.ndarray
@@ -210,7 +211,15 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
     probs = _probabilities(segmenter, x, batch_size)
     timing["network"] = time.perf_counter() - t
     t = time.perf_counter()
+    # bilinear interpolation never exceeds the crop's maximum, so a slice whose crop-level lesion probability stays
+    # below the threshold has an empty mask: it is not mapped back (its probability stays 0 in ``probability``)
+    crop_lesion = probs[:, 0] if probs.shape[1] == 1 else 1.0 - probs[:, 0]
+    if probs.shape[1] == 2:
+        crop_lesion = probs[:, 1]
+    reaches = crop_lesion.reshape(len(probs), -1).max(1) >= threshold
     for i, k in enumerate(z_idx):
+        if not reaches[i]:
+            continue
         limit = _lung_limit(lung_labels[k], lung_margin_px)
         m, p = _label_slice(probs[i], crops[k], limit, threshold)
         mask[k] = m

@@ -37,7 +37,7 @@ class LesionFinding:
 
     mask: (Z, Y, X) uint8, canonical orientation; 0 background, 1 ground-glass (``LESION_GGO``),
         2 consolidation (``LESION_CONSOLIDATION``).
-    probability_map: optional (Z, Y, X) float32 voxel probability of "lesion"; ``None`` for the threshold baseline,
+    probability_map: optional (Z, Y, X) float voxel probability of "lesion"; ``None`` for the threshold baseline,
         which has no calibrated voxel probability (use
         :func:`pneumoct.quantify.measures.lesion_probability_from_area` for a per-slice score).
     method: who made the mask; ``"threshold-baseline"`` for :func:`find_lesions_threshold`.
