@@ -168,6 +168,24 @@ def main(argv=None) -> int:
         dest = install_run(args.install, "lesion_seg", extra_meta={"window": list(DICOM_WINDOW),
                                                                    "window_note": "HU window matching the 8-bit training sets' lung intensities"})
         res["installed"] = {"run": Path(args.install).name, "weights": str(dest.relative_to(ROOT))}
+        entry = res["runs"].get(Path(args.install).name)
+        if entry:  # the model card carries the real-data figures it was chosen on
+            card = dest / "model_card.md"
+            lines = ["", "## Real-data validation (experiments/lesion_seg_real.py)"]
+            for src, v in entry["heldout"]["by_source"].items():
+                d = v["dice"]
+                extra = "".join(f", {k} Dice {c['mean']:.2f}" for k, c in (v.get("multiclass_dice") or {}).items())
+                lines.append(f"- held-out {v.get('data', '')} {src}, {v['n']} images: Dice mean {d['mean']:.2f} "
+                             f"({d['mean_low']:.2f}-{d['mean_high']:.2f}), median {d['median']:.2f}{extra}")
+            for key, r in next(iter(entry["dicom"].values())).items():
+                auc = r["slice_auc_vs_radiologist"]
+                lines.append(f"- REAL DICOM {key}: {r['lesion_ml']} mL lesion"
+                             + (f", slice AUC vs radiologist {auc:.2f}" if auc is not None else ""))
+            if entry.get("phantoms"):
+                ph = entry["phantoms"]
+                lines.append(f"- SYNTHETIC check ({ph['data']}): healthy false lesion mL {ph['healthy_false_lesion_ml']}, "
+                             f"Dice {ph['lesion_cases_dice_mean']} on {ph['n_lesion_cases']} lesion cases")
+            card.write_text(card.read_text() + "\n".join(lines) + "\n")
     out = ROOT / "experiments/results/lesion_seg_real.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
     res["runs"] = {**prev.get("runs", {}), **res["runs"]}  # keep other runs' results

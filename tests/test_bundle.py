@@ -43,3 +43,11 @@ def test_install_refuses_unfinished_run(tmp_path, capsys):
         install_run(tmp_path / "run", "m3lung_slice", tmp_path / "w")
     assert main([str(tmp_path / "run"), "--as", "m3lung_slice", "--weights", str(tmp_path / "w")]) == 2
     assert not (tmp_path / "w" / "m3lung_slice").exists()
+
+
+def test_model_card_banner_says_synthetic_mixed_or_nothing():
+    from pneumoct.train.run import MIXED_LINE, SYNTHETIC_LINE, synthetic_banner
+
+    assert synthetic_banner(["phantom"]) == SYNTHETIC_LINE
+    assert synthetic_banner(["covid19-ct-seg-png", "medseg", "phantom"]) == MIXED_LINE  # never "synthetic only"
+    assert synthetic_banner(["covid-ct-md", "lung-crop:medseg"]) is None

@@ -25,10 +25,21 @@ import yaml
 from ..errors import PneumoctInputError
 from .config import TrainConfig, config_to_dict, load_config
 
-__all__ = ["RunFolder", "train_from_config", "is_complete", "SYNTHETIC_SOURCES", "is_synthetic_source"]
+__all__ = ["RunFolder", "train_from_config", "is_complete", "SYNTHETIC_SOURCES", "is_synthetic_source",
+           "synthetic_banner"]
 
 SYNTHETIC_SOURCES = ("phantom",)
 SYNTHETIC_LINE = "**Trained on synthetic phantoms — not clinical accuracy.**"
+MIXED_LINE = ("**Trained on real data plus synthetic phantoms — the validation figures below mix both kinds of "
+              "data; only figures measured on real data say anything about real CT, and none is clinical accuracy.**")
+
+
+def synthetic_banner(sources) -> str | None:
+    """The model card's warning line: all sources synthetic, mixed, or none (all real)."""
+    kinds = {is_synthetic_source(s.split(":")[-1]) for s in sources}
+    if kinds == {True}:
+        return SYNTHETIC_LINE
+    return MIXED_LINE if True in kinds else None
 
 
 def is_synthetic_source(name: str) -> bool:
@@ -121,8 +132,9 @@ def model_card(cfg: TrainConfig, data_summary: dict, metrics: dict, info: dict |
     synthetic = bool(data_summary.get("synthetic"))
     best = metrics.get("best") or {}
     lines = [f"# Model card: {cfg.name or cfg.model.name}", ""]
-    if synthetic:
-        lines += [SYNTHETIC_LINE, ""]
+    banner = synthetic_banner(sources) if sources else (SYNTHETIC_LINE if synthetic else None)
+    if banner:
+        lines += [banner, ""]
     lines += [
         "Research use only. Not a medical device; nothing here has been validated on patients.", "",
         "## Model",

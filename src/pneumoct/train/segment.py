@@ -45,7 +45,7 @@ from ..errors import PneumoctInputError
 from .config import TrainConfig
 from .loop import (_checkpoint_meta, _epoch_seed, _has_bn, _progress, _recalibrated_copy, build_optimizer,
                    build_scheduler, data_summary, seed_everything, select_device, split_indices)
-from .run import SYNTHETIC_LINE, RunFolder
+from .run import SYNTHETIC_LINE, synthetic_banner, RunFolder
 from .table import SliceTable
 
 __all__ = ["fit_segmentation", "SegmentationDataset", "segmentation_loss", "evaluate_segmentation",
@@ -214,8 +214,9 @@ def seg_model_card(cfg: TrainConfig, summary: dict, metrics: dict, info: dict | 
     synthetic = bool(summary.get("synthetic"))
     best = metrics.get("best") or {}
     lines = [f"# Model card: {cfg.name or cfg.model.name}", ""]
-    if synthetic:
-        lines += [SYNTHETIC_LINE, ""]
+    banner = synthetic_banner(sources) if sources else (SYNTHETIC_LINE if synthetic else None)
+    if banner:
+        lines += [banner, ""]
     lines += [
         "Research use only. Not a medical device; nothing here has been validated on patients.", "",
         "## Model",
@@ -227,7 +228,7 @@ def seg_model_card(cfg: TrainConfig, summary: dict, metrics: dict, info: dict | 
         "- loss: deep supervision (JCS Eq. (6)): BCE / cross-entropy + soft Dice on every side-output",
         "",
         "## Data",
-        f"- sources: {', '.join(sources) or 'n/a'} ({'synthetic' if synthetic else 'real data'}); rows with a lesion "
+        f"- sources: {', '.join(sources) or 'n/a'} ({('includes synthetic phantoms' if len(sources) > 1 else 'synthetic') if synthetic else 'real data'}); rows with a lesion "
         "mask only",
         f"- tables: {json.dumps(cfg.data.tables)}",
         f"- train: {summary.get('train', {}).get('slices')} slices / {summary.get('train', {}).get('patients')} "
