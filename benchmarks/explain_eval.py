@@ -33,7 +33,8 @@ if str(REPO / "src") not in sys.path:
 
 from pneumoct.explain.methods import applicable_methods, evaluate_explanations, model_family  # noqa: E402
 
-__all__ = ["lesion_rows", "rows_to_unit", "evaluate_rows", "write_report", "parse_data", "main"]
+__all__ = ["lesion_rows", "rows_to_unit", "evaluate_rows", "write_report", "parse_data", "summary_table",
+           "main"]
 
 
 def parse_data(spec: str, limit: int | None) -> dict:
@@ -120,6 +121,25 @@ def write_report(report: dict, out: Path) -> None:
     out.write_text(json.dumps(report, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def summary_table(report: dict, methods: Sequence[str] | None = None) -> str:
+    """A markdown table of a report's means, rounded as the report's table and docs/explanations.md show them
+    (scores to 2 decimals, energy inside to 3, with the chance level). After a new run on a shipped checkpoint,
+    copy these numbers into ``EXPLANATION_SCORES`` in ``pneumoct/report/html.py`` (with the date, data and the
+    checkpoint's sha256); ``tests/test_report_explanations.py`` compares the two."""
+    chance = report.get("chance_energy")
+    names = list(methods) if methods else list(report["methods"])
+    lines = ["| map | pointing | energy inside (chance) | Dice | box lesion recall | box precision | n |",
+             "|---|---|---|---|---|---|---|"]
+
+    def f(v, nd):
+        return "—" if v is None else f"{v:.{nd}f}"
+    for name in names:
+        m = report["methods"][name]
+        lines.append(f"| {name} | {f(m['pointing_game'], 2)} | {f(m['energy_inside'], 3)} ({f(chance, 3)}) | "
+                     f"{f(m['dice'], 2)} | {f(m['lesion_recall'], 2)} | {f(m['box_precision'], 2)} | {m['n']} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, type=Path)
@@ -174,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      for m in ("pointing_game", "energy_inside", "iou", "dice", "lesion_recall"))
               + f" n={v['n']}")
     print(f"chance energy {rep['chance_energy']:.3f}; wrote {out}")
+    print(summary_table(rep))
     return 0
 
 

@@ -49,9 +49,14 @@ def test_diagnose_writes_all_outputs(toy_result):
     assert on_disk["patient"]["label"] in CLASS_NAMES
     assert abs(sum(on_disk["patient"]["probabilities"].values()) - 1.0) < 1e-3
     patient_model = on_disk["patient"]["model"]
-    if "learned" in on_disk["models"]:  # bundled models present: the patient net decides, the rule is kept beside
-        assert patient_model["kind"].startswith("learned") and patient_model["trained_on"]
+    if "learned" in on_disk["models"]:  # bundled models: the calibrated lesion burden decides (issue 9), the rule
+        # and the phantom-trained M3Lung-Sys network are kept beside it
+        assert on_disk["patient"]["headline_source"] == "burden"
+        assert patient_model["name"] == "lesion_burden" and patient_model["calibrated"] is True
+        assert "REAL" in patient_model["trained_on"]
         assert on_disk["patient"]["rule_result"]["model"]["kind"] == "rule"
+        assert on_disk["patient"]["research_panel"]["m3lung_patient"]["model"]["name"] == "m3lung_patient"
+        assert on_disk["patient"]["headline"] and isinstance(on_disk["patient"]["consistency"], list)
     else:
         assert patient_model["kind"] == "rule"
     assert on_disk["models"]["lesions"] == "threshold-baseline"
@@ -169,7 +174,8 @@ def test_real_studies_end_to_end(tmp_path):
     label_rows = {"covid19": 0, "cap": 55}  # Index.csv: row 0 = P001, row 55 = cap001
     lesion_ml, lung_ml = {}, {}
     for label, folder in REAL_STUDIES.items():
-        out = analyse_study(read_study(folder))  # the default: learned segmenter, threshold baseline beside it
+        # the learned segmenter (the threshold baseline runs beside it)
+        out = analyse_study(read_study(folder), DiagnoseOptions(lesions="learned"))
         assert out.result["segmentation"]["ran"] is True
         if label in label_rows:
             # docs/data_notes.md: label column i is canonical slice i (superior first, SliceLocation descending);

@@ -27,6 +27,11 @@ from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO, LUNG_LEFT, LUNG_RIG
 # spacing (z, y, x) = (2.0, 0.5, 0.8) mm -> voxel = 0.8 mm^3 = 0.0008 mL; in-plane pixel = 0.4 mm^2
 SP = (2.0, 0.5, 0.8)
 VOX_ML = 0.0008
+#: The hand-built cases below are a few mL of "lung", far smaller than a real lung, so the tests of the measures'
+#: definitions switch the size, noise and zone floors off; the floors themselves are tested in
+#: tests/test_severity_floor.py (and the default-floor behaviour on phantoms further down here).
+NO_FLOOR = dict(min_lesion_ml=0.0, noise_floor_ml=0.0, noise_floor_percent=0.0, zone_floor_ml=0.0,
+                zone_floor_percent=0.0)
 
 
 def box_case():
@@ -56,11 +61,13 @@ def box_case():
 
 def test_volumes_lvr_count_classes():
     lung, les, hu = box_case()
-    q = quantify(les, lung, SP, hu)
+    q = quantify(les, lung, SP, hu, **NO_FLOOR)
     json.dumps(q, allow_nan=False)  # JSON-serialisable, no NaN
     assert q["voxel_volume_ml"] == pytest.approx(VOX_ML)
     assert q["lung_volume_ml"] == {"total": 23.04, "right": 11.52, "left": 11.52}
     assert q["lesion_volume_ml"] == pytest.approx(852 * VOX_ML, abs=1e-3)  # 0.6816
+    assert q["lesion_volume_raw_ml"] == q["lesion_volume_ml"] == q["lesion_volume_in_lung_ml"]["total"]
+    assert q["lesion_volume_excluded_ml"] == {"outside_lung": 0.0, "below_min_lesion": 0.0}
     assert q["lesion_volume_in_lung_ml"]["right"] == pytest.approx(252 * VOX_ML, abs=1e-3)
     assert q["lesion_volume_in_lung_ml"]["left"] == pytest.approx(0.48, abs=1e-3)
     assert q["lesion_volume_ratio"] == pytest.approx(852 / 28800, abs=1e-6)  # 0.029583
@@ -75,13 +82,14 @@ def test_volumes_lvr_count_classes():
     assert q["lesion_hu"]["mean"] == pytest.approx(-146.5, abs=0.05)
     assert q["lesion_hu"]["consolidation_mean"] == pytest.approx((600 * 20 + 4 * -400) / 604, abs=0.05)
     assert q["bilateral_involvement"] is True
-    assert quantify(les, lung, SP, bilateral_min_ml=0.3)["bilateral_involvement"] is False  # right has 0.2016 mL
+    q3 = quantify(les, lung, SP, bilateral_min_ml=0.3, **NO_FLOOR)
+    assert q3["bilateral_involvement"] is False  # the right lung has 0.2016 mL
     assert q["notes"] == []
 
 
 def test_per_lesion_bbox_centroid_side_zone():
     lung, les, hu = box_case()
-    q = quantify(les, lung, SP, hu)
+    q = quantify(les, lung, SP, hu, **NO_FLOOR)
     by_vox = {L["voxels"]: L for L in q["lesions"]}
     assert [L["voxels"] for L in q["lesions"]] == [600, 240, 12]  # ids by decreasing volume
     assert [L["id"] for L in q["lesions"]] == [1, 2, 3]
@@ -102,34 +110,39 @@ def test_per_lesion_bbox_centroid_side_zone():
     # label_lesions gives the same ids
     labels, n = label_lesions(les)
     assert n == 3 and int((labels == 1).sum()) == 600 and int((labels == 3).sum()) == 12
+    labels, n = label_lesions(les, SP, lung_mask=lung, min_lesion_ml=0.01)  # quantify's ids with that size floor
+    assert n == 2 and int((labels == 2).sum()) == 240
 
 
 def test_spread_of_centres_and_min_lesion_ml():
     lung, les, _ = box_case()
     # bbox centres (mm): A (11, 7.25, 10.0), B (45, 8.25, 35.6), C (25, 3.25, 5.6)
-    q = quantify(les, lung, SP)
+    q = quantify(les, lung, SP, **NO_FLOOR)
     cen = np.array([[11, 7.25, 10.0], [45, 8.25, 35.6], [25, 3.25, 5.6]])
     sd = cen.std(axis=0)
     s = q["lesion_centre_spread_mm"]
     assert s["z"] == pytest.approx(sd[0], abs=0.01) and s["z"] == pytest.approx(13.95, abs=0.01)
     assert s["overall"] == pytest.approx(math.sqrt((sd**2).sum()), abs=0.01)
     assert s["n_lesions"] == 3
-    # C is 0.0096 mL: left out of count, list and spread by min_lesion_ml, not out of the volumes
-    q2 = quantify(les, lung, SP, min_lesion_ml=0.01)
+    # C is 0.0096 mL: left out of count, list, spread *and* the lesion volume by min_lesion_ml (one definition of
+    # lesion everywhere); the raw volume keeps it
+    q2 = quantify(les, lung, SP, **{**NO_FLOOR, "min_lesion_ml": 0.01})
     assert q2["lesion_count"] == 2 and q2["lesion_components_below_min"] == 1
-    assert q2["lesion_volume_ml"] == q["lesion_volume_ml"]
+    assert q2["lesion_volume_raw_ml"] == q["lesion_volume_ml"]
+    assert q2["lesion_volume_ml"] == pytest.approx(840 * VOX_ML, abs=1e-3)
+    assert q2["lesion_volume_excluded_ml"]["below_min_lesion"] == pytest.approx(12 * VOX_ML, abs=1e-3)
     s2 = q2["lesion_centre_spread_mm"]  # z: 45 vs 11 -> 17; y: 0.5; x: 12.8; overall sqrt(453.09)
     assert (s2["z"], s2["y"], s2["x"]) == (17.0, 0.5, 12.8)
     assert s2["overall"] == pytest.approx(21.29, abs=0.01)
     # a single lesion: spread 0
     single = np.zeros_like(les)
     single[4:8, 10:20, 10:16] = 1
-    assert quantify(single, lung, SP)["lesion_centre_spread_mm"]["overall"] == 0.0
+    assert quantify(single, lung, SP, **NO_FLOOR)["lesion_centre_spread_mm"]["overall"] == 0.0
 
 
 def test_zones_severity_ctss():
     lung, les, _ = box_case()
-    q = quantify(les, lung, SP)
+    q = quantify(les, lung, SP, **NO_FLOOR)
     z = q["zones_not_lobes"]
     assert list(z) == list(ZONE_NAMES)
     # each lung spans slices 3..27 (24) -> thirds of 8 slices; each zone 8*30*20 = 4800 voxels = 3.84 mL
@@ -179,7 +192,7 @@ def test_mosmed_grade_from_masks(n_lesion, grade):
     lung[..., 5:] = LUNG_LEFT
     les = np.zeros_like(lung)
     les.reshape(-1)[:n_lesion] = 1
-    assert quantify(les, lung, (1.0, 1.0, 1.0))["severity"]["mosmed_grade"] == grade
+    assert quantify(les, lung, (1.0, 1.0, 1.0), **NO_FLOOR)["severity"]["mosmed_grade"] == grade
 
 
 # ------------------------------------------------------------------------------ peripheral lesion ratio, Eq. (1)
@@ -211,18 +224,19 @@ def test_plr_rim_central_straddle_and_empty():
     lung, sp = plr_case()
     rim = np.zeros_like(lung)
     rim[1:3, 4:8, 10:20] = 1  # rows i = 0..3: all peripheral
-    assert quantify(rim, lung, sp, peripheral_thickness_mm=2.0)["peripheral_lesion_ratio"] == 1.0
+    assert quantify(rim, lung, sp, peripheral_thickness_mm=2.0, **NO_FLOOR)["peripheral_lesion_ratio"] == 1.0
     central = np.zeros_like(lung)
     central[1:3, 15:25, 15:25] = 1
-    assert quantify(central, lung, sp, peripheral_thickness_mm=2.0)["peripheral_lesion_ratio"] == 0.0
+    assert quantify(central, lung, sp, peripheral_thickness_mm=2.0, **NO_FLOOR)["peripheral_lesion_ratio"] == 0.0
     both = rim | central  # 2*4*10 = 80 peripheral of 80 + 200 = 280
-    assert quantify(both, lung, sp, peripheral_thickness_mm=2.0)["peripheral_lesion_ratio"] == pytest.approx(80 / 280, abs=1e-4)
+    q = quantify(both, lung, sp, peripheral_thickness_mm=2.0, **NO_FLOOR)
+    assert q["peripheral_lesion_ratio"] == pytest.approx(80 / 280, abs=1e-4)
     straddle = np.zeros_like(lung)
     straddle[2, 4:12, 14:18] = 1  # rows i = 0..7: 4 of 8 rows peripheral -> 16 of 32
-    q = quantify(straddle, lung, sp, peripheral_thickness_mm=2.0)
+    q = quantify(straddle, lung, sp, peripheral_thickness_mm=2.0, **NO_FLOOR)
     assert q["peripheral_lesion_ratio"] == 0.5 and q["lesions"][0]["peripheral_fraction"] == 0.5
     # larger σ: everything within 10 mm (20 rows) -> the central lesion becomes peripheral too
-    assert quantify(central, lung, sp, peripheral_thickness_mm=10.0)["peripheral_lesion_ratio"] == 1.0
+    assert quantify(central, lung, sp, peripheral_thickness_mm=10.0, **NO_FLOOR)["peripheral_lesion_ratio"] == 1.0
     q0 = quantify(np.zeros_like(lung), lung, sp)
     assert q0["peripheral_lesion_ratio"] is None
 
@@ -240,8 +254,9 @@ def test_plr_matches_bruteforce_on_irregular_masks():
     sp = (1.5, 0.7, 0.9)
     for sigma in (1.0, 3.5, 7.0):
         band = np.stack([peripheral_band_slice(lung[z], sigma, sp[1:]) for z in range(Z)])
-        expect = (band & (les > 0)).sum() / (les > 0).sum()
-        got = quantify(les, lung, sp, peripheral_thickness_mm=sigma)["peripheral_lesion_ratio"]
+        inside = (les > 0) & (lung > 0)  # lesion outside the lung mask is not measured
+        expect = (band & inside).sum() / inside.sum()
+        got = quantify(les, lung, sp, peripheral_thickness_mm=sigma, **NO_FLOOR)["peripheral_lesion_ratio"]
         assert got == pytest.approx(expect, abs=1e-4)
 
 
@@ -277,20 +292,21 @@ def test_connectivity_26_and_bilateral_lesion_and_outside_lung():
     les = np.zeros_like(lung)
     les[0:2, 0:2, 0:2] = 1
     les[2:4, 2:4, 2:4] = 1  # touches the first cube only at a corner: one lesion with 26-connectivity
-    assert quantify(les, lung, (1, 1, 1))["lesion_count"] == 1
+    assert quantify(les, lung, (1, 1, 1), **NO_FLOOR)["lesion_count"] == 1
     les2 = np.zeros_like(lung)
     les2[2:4, 2:4, 3:7] = 1  # 8 voxels right, 8 left -> one bilateral lesion
-    q = quantify(les2, lung, (1, 1, 1))
+    q = quantify(les2, lung, (1, 1, 1), **NO_FLOOR)
     assert q["lesion_count"] == 1 and q["lesions"][0]["side"] == "bilateral"
-    # lesion partly outside the lung mask: counted in LVR, not in involvement; reported
+    # lesion partly outside the lung mask: only its in-lung part is measured, in LVR and involvement alike
     lung3 = lung.copy()
     lung3[:, :, 5:] = 0
     lung3[:, :, :5] = LUNG_RIGHT
     les3 = np.zeros_like(lung)
     les3[0, 0, 3:7] = 1  # 2 voxels in the lung, 2 outside
-    q3 = quantify(les3, lung3, (1, 1, 1))
+    q3 = quantify(les3, lung3, (1, 1, 1), **NO_FLOOR)
     assert q3["lesion_fraction_in_lung"] == 0.5
-    assert q3["lesion_volume_ratio"] == pytest.approx(4 / 300, abs=1e-6)
+    assert q3["lesion_volume_ratio"] == pytest.approx(2 / 300, abs=1e-6)
+    assert q3["lesion_volume_raw_ml"] == 0.004 and q3["lesion_volume_excluded_ml"]["outside_lung"] == 0.002
     assert q3["percent_lung_involved"] == pytest.approx(100 * 2 / 300, abs=1e-3)
     assert any("outside the lung" in n for n in q3["notes"])
     assert any("no left" in n for n in q3["notes"])
@@ -298,7 +314,7 @@ def test_connectivity_26_and_bilateral_lesion_and_outside_lung():
 
 def test_boolean_lesion_mask_has_unknown_classes():
     lung, les, _ = box_case()
-    q = quantify(les > 0, lung, SP)
+    q = quantify(les > 0, lung, SP, **NO_FLOOR)
     assert q["lesion_count"] == 3 and q["ggo_fraction"] is None and q["lesions"][0]["ggo_fraction"] is None
 
 

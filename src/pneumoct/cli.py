@@ -44,7 +44,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                            # --no-models = the classical path: no learned segmenter either (unless --lesions learned)
                            lesions=getattr(args, "lesions", None),
                            segment_when=getattr(args, "segment_when", "always"),
-                           positive_threshold=getattr(args, "positive_threshold", 0.5))
+                           positive_threshold=getattr(args, "positive_threshold", 0.5),
+                           headline=getattr(args, "headline", "auto"),
+                           segmenter=getattr(args, "segmenter", None))
     out = Path(args.out)
     if len(args.inputs) == 1:
         result = diagnose(args.inputs[0], out, opts)
@@ -189,8 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-threshold", type=float, default=0.5,
                    help="abnormal probability from which --segment-when positive segments a study (default 0.5)")
     p.add_argument("--slice-probability", choices=["area", "model"], default="area",
-                   help="per-slice lesion_probability: the threshold area calibrated on real labels (default) or "
-                   "the lesion network's calibrated score (see docs/models.md for why area is the default)")
+                   help="without the headline calibration: per-slice lesion_probability from the threshold area "
+                   "(default) or the lesion network's calibrated score")
+    p.add_argument("--headline", choices=["auto", "burden", "m3lung_patient", "rule"], default="auto",
+                   help="what drives patient.label / abnormal_probability: the lesion burden calibrated on real "
+                   "studies (auto, when installed), the M3Lung-Sys patient network (only once you trained and "
+                   "validated it on real data), or the explicit rule (docs/validation.md)")
+    p.add_argument("--segmenter", default=None, metavar="CHECKPOINT_DIR",
+                   help="a lesion segmentation checkpoint instead of the bundled weights/lesion_seg")
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("synth", help="write synthetic chest-CT phantoms with ground truth (NIfTI + DICOM)")

@@ -46,6 +46,10 @@ class DiagnoseOptions:
     # classifier miss must not hide the lesions from the reader)
     segment_when: str = "always"
     positive_threshold: float = 0.5
+    segmenter: str | None = None     # a segmentation checkpoint folder instead of weights/lesion_seg
+    # what drives patient.label / abnormal_probability (pneumoct.headline): "auto" = the validated lesion burden
+    # when its calibration is installed; "m3lung_patient" for a user who validated their own trained network
+    headline: str = "auto"
 
 
 @dataclass
@@ -65,6 +69,15 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     lesions_mode = opts.lesions or ("learned" if opts.use_learned_models else "threshold")
     if lesions_mode not in ("learned", "threshold") or opts.segment_when not in ("always", "positive"):
         raise ValueError(f"bad lesions / segment_when option: {opts.lesions!r} / {opts.segment_when!r}")
+
+    calibration = None
+    if opts.use_learned_models:
+        from .burden import load_calibration
+
+        calibration = load_calibration(opts.weights_dir)
+        if opts.lesions is None and calibration is not None:
+            # the headline calibration holds only for the mask it was fitted on
+            lesions_mode = calibration.get("mask_method", lesions_mode)
 
     t = time.perf_counter()
     lungs = segment_lungs(study, opts.lung_params)
@@ -103,7 +116,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             finding = _not_segmented(study, gate)
         else:
             t = time.perf_counter()
-            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir)
+            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir, segmenter=opts.segmenter)
             timing["lesions"] = time.perf_counter() - t
             if seg_finding is None:
                 segmentation["fallback"] = "no segmenter installed: threshold baseline used"
@@ -111,6 +124,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                 finding = seg_finding
                 segmentation["ran"] = True
                 segmentation["timing_s"] = seg_finding.params.get("timing_s", {})
+                segmentation["fingerprint"] = _fingerprint_check(study, lungs.labels, seg_finding)
     segmentation["method"] = finding.method
     if finding is threshold_finding:
         timing["lesions"] = timing["threshold_lesions"]  # "lesions" = the time of the mask used, always present
@@ -123,10 +137,22 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     timing["quantify"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    patient = classify_by_rule(q)
+    rule = classify_by_rule(q)
+    burden = None
+    if calibration is not None:
+        from .burden import apply_calibration, slice_probability
+
+        burden = apply_calibration(calibration, lesion_area, lung_area, float(study.spacing[0]))
+        slice_p = slice_probability(calibration, lesion_area)
+    from .headline import patient_block
+    from .quantify.rsna import rsna_category
+
+    differential = rsna_category(q, finding.mask, lungs.labels, study.spacing, study.hu,
+                                 abnormal=None if burden is None else burden["abnormal_probability"] >= 0.5)
+    m3 = learned_patient_result(learned, rule_result=rule) if learned.patient_probabilities is not None else None
+    patient = patient_block(mode=opts.headline, q=q, rule=rule, differential=differential, burden=burden,
+                            cal=calibration, m3lung=m3)
     timing["classify"] = time.perf_counter() - t
-    if learned.patient_probabilities is not None:
-        patient = learned_patient_result(learned, rule_result=patient)
 
     slices = []
     for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, threshold_prob)):
@@ -135,7 +161,14 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             entry["sop_instance_uid"] = info.sop_instance_uid
         if info.frame_number is not None:
             entry["frame_number"] = info.frame_number
-        if learned.lesion_probability is not None:
+        if burden is not None:
+            has_lung = bool(lung_area[k] > 0)
+            entry["lesion_probability"] = round(float(slice_p[k]), 4) if has_lung else 0.0
+            entry["lung_in_slice"] = has_lung
+            if learned.lesion_probability_model is not None:
+                pm = learned.lesion_probability_model[k]
+                entry["lesion_model_score"] = None if np.isnan(pm) else round(float(pm), 4)
+        elif learned.lesion_probability is not None:
             p = learned.lesion_probability[k]
             entry["lesion_probability"] = 0.0 if np.isnan(p) else round(float(p), 4)  # no lung: no lung lesion
             entry["lung_in_slice"] = bool(not np.isnan(p))
@@ -161,7 +194,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "(not a learned probability)",
         "patient": patient["model"]["name"],
     }
-    if learned.lesion_probability is not None:
+    if burden is not None:
+        models_used["slice_lesion_probability"] = (
+            "lesion area of the lesion mask per slice through a logistic calibration fitted on the radiologist "
+            f"slice labels of 3 real DICOM studies ({calibration.get('candidate')} masks; validated "
+            "leave-one-study-out, docs/validation.md); the lesion network's own score is slices[].lesion_model_score")
+        models_used["headline"] = patient["headline_source"]
+    elif learned.lesion_probability is not None:
         models_used["slice_lesion_probability"] = (
             ("threshold-baseline lesion area through a logistic calibration fitted on the radiologist slice labels "
              "of 3 real DICOM studies (shipped with lesion_presence; it ranked held-out slices better than the "
@@ -174,13 +213,16 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         models_used["learned"] = dict(learned.provenance)
     if segmentation["ran"] and "provenance" in finding.params:
         models_used.setdefault("learned", {})["lesion_seg"] = finding.params["provenance"]
+    warnings = [w.to_dict() for w in study.warnings]
+    for w in (segmentation.get("fingerprint") or {}).get("warnings", []):
+        warnings.append({"code": w["code"], "message": w["message"]})
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "pneumoct_version": __version__,
-        "data_note": _data_note(learned, segmentation),
+        "data_note": _data_note(learned, segmentation, patient),
         "input": {
             "format": study.source_format,
-            "warnings": [w.to_dict() for w in study.warnings],
+            "warnings": warnings,
             "metadata": study.metadata,
         },
         "volume": study.geometry_dict(),
@@ -198,7 +240,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                           learned=learned)
 
 
-def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None):
+def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None, *,
+                    segmenter: str | None = None):
     """Lesion mask from the bundled segmenter (``weights/lesion_seg``), or None when it is not installed.
 
     A binary segmenter's lesion voxels are split into ground-glass / consolidation by HU with the threshold
@@ -210,7 +253,11 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
     from .types import LESION_CONSOLIDATION, LESION_GGO
 
     path = None
-    if weights_dir:
+    if segmenter:
+        path = Path(segmenter)
+        if not (path / "model.json").is_file():
+            raise PneumoctInputError("bad_checkpoint", f"{path}: not a model folder (no model.json)")
+    elif weights_dir:
         path = Path(weights_dir) / "lesion_seg"
     elif os.environ.get("PNEUMOCT_WEIGHTS"):
         path = Path(os.environ["PNEUMOCT_WEIGHTS"]) / "lesion_seg"
@@ -231,6 +278,22 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
                          f"{prov.get('trained_on', 'real 2D sets')})",
                          params={"timing_s": {k: round(float(v), 3) for k, v in out.timing.items()},
                                  "lung_margin_px": margin, "provenance": prov})
+
+
+def _fingerprint_check(study: StudyVolume, lung_labels: np.ndarray, seg_finding) -> dict[str, Any]:
+    """Is the study inside the segmenter's training-data fingerprint (docs/fingerprint.md)? Warnings go to
+    ``input.warnings``; study-independent notes (e.g. "trained on 8-bit images only") stay here."""
+    from .fingerprint import check_study, fingerprint_notes, load_fingerprint
+
+    ckpt = (seg_finding.params.get("provenance") or {}).get("checkpoint")
+    try:
+        fp = load_fingerprint(ckpt) if ckpt else None
+    except ValueError as exc:
+        return {"checked": False, "why": f"unreadable fingerprint: {exc}"}
+    if not fp:
+        return {"checked": False, "why": "the segmenter has no fingerprint.json"}
+    warnings = check_study(study, lung_labels, fp, include_notes=False)
+    return {"checked": True, "warnings": warnings, "notes": [n["message"] for n in fingerprint_notes(fp)]}
 
 
 def _classifier_gate(learned: LearnedOutput, threshold_finding, lung_labels: np.ndarray, study: StudyVolume,
@@ -261,7 +324,8 @@ def _not_segmented(study: StudyVolume, gate: dict[str, Any]):
                          params={"gate": gate})
 
 
-def _data_note(learned: LearnedOutput, segmentation: dict[str, Any] | None = None) -> str:
+def _data_note(learned: LearnedOutput, segmentation: dict[str, Any] | None = None,
+               patient: dict[str, Any] | None = None) -> str:
     seg_ran = bool(segmentation and segmentation.get("ran"))
     if not learned.provenance and not seg_ran:
         return ("No learned model was used: lungs by a classical algorithm, lesions by the HU threshold baseline, "
@@ -278,8 +342,14 @@ def _data_note(learned: LearnedOutput, segmentation: dict[str, Any] | None = Non
     if learned.lesion_probability is not None:
         parts.append("Per-slice lesion probability and CAM maps: a network trained on real public CT data "
                      "(few patients; validation figures in its model card), not clinically validated.")
+    source = (patient or {}).get("headline_source")
+    if source == "burden":
+        parts.append("Headline (healthy vs pneumonia): the measured lesion burden calibrated on 3 real DICOM studies "
+                     "(held-out figures in docs/validation.md); the pneumonia pattern from the explicit RSNA-category "
+                     "rule (docs/differential.md).")
     if learned.patient_probabilities is not None:
-        parts.append("Patient class and per-slice class probabilities: the M3Lung-Sys networks trained on "
+        parts.append(("Research panel: " if source != "m3lung_patient" else "Patient class: ")
+                     + "the M3Lung-Sys networks (patient class, per-slice class probabilities) trained on "
                      "SYNTHETIC phantoms only; their output on real scans is not a clinical diagnosis.")
     return " ".join(parts)
 

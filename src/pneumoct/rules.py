@@ -41,7 +41,8 @@ def classify_by_rule(q: dict[str, Any]) -> dict[str, Any]:
     total = sum(volumes)
     # specks below 1 mL are counted apart: the baseline's false positives are mostly that small
     significant = sum(1 for v in volumes if v >= 1.0)
-    small = sum(1 for v in volumes if v < 1.0)
+    # components below quantify()'s size floor (0.2 mL) are not listed but counted apart: H1N1-like small nodules
+    small = sum(1 for v in volumes if v < 1.0) + int(q.get("lesion_components_below_min") or 0)
     largest_share = volumes[0] / total if total > 0 else 0.0
     in_lung = q.get("lesion_volume_in_lung_ml") or {}
     right, left = float(in_lung.get("right") or 0.0), float(in_lung.get("left") or 0.0)

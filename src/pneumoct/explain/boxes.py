@@ -26,7 +26,12 @@ __all__ = [
     "Box",
     "GAUSS_5X5_SIGMA",
     "boxes_from_saliency",
+    "boxes_from_mask",
     "saliency_foreground",
+    "restrict_map_to_region",
+    "dilate_region_mm",
+    "map_informativeness",
+    "rescale_boxes",
     "normalise_map",
     "joint_saliency",
     "resize_map_to",
@@ -143,29 +148,54 @@ def saliency_foreground(
     kernel_radius: int = 2,
     threshold: str | float = "isodata",
     closing_radius: int = 2,
+    region=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first four steps of ``boxes_from_saliency``: returns ``(smoothed |saliency|, closed binary mask)``.
 
     A float ``threshold`` is applied to the smoothed map scaled to [0, 1] (foreground = value > threshold).
     A constant (e.g. all-zero) map has no foreground.
+
+    ``region`` (optional bool mask of the map's shape, e.g. the lung): the threshold is computed from the pixels
+    inside the region only (Isodata on their values; a float cuts the smoothed map scaled to [0, 1] over the
+    region), the blur averages over region pixels only (normalised convolution, so the region's border is not
+    darkened by the zeros outside), and the foreground is kept inside the region, also after the closing. Without
+    it a map that is zero outside the lung would be
+    thresholded into "lung vs not lung" and give one box around both lungs. An empty region, or a map constant
+    inside it, has no foreground.
     """
     a = _as_2d_float(saliency, "saliency")
+    if region is not None:
+        region = np.asarray(region, bool)
+        if region.shape != a.shape:
+            raise ValueError(f"region has shape {region.shape}, expected {a.shape}")
     # Hu et al. (weakly-supervised multiscale), Methods, B. Bounding Box Extraction: "we took the absolute value
     # of the joint saliency map"
     a = np.abs(a)
     # Hu et al. (weakly-supervised multiscale), Methods, B.: "and blurred it with a 5x5 Gaussian kernel"
     # (radius 2 -> 5 taps per axis; sigma 1.1 as OpenCV derives it for ksize 5, see GAUSS_5X5_SIGMA)
     smooth = ndi.gaussian_filter(a, sigma=sigma, radius=int(kernel_radius), mode="nearest")
-    if float(smooth.max() - smooth.min()) <= 1e-12 * max(1.0, float(np.abs(smooth).max())):
+    if region is not None:
+        # normalised convolution: the blur averages over region pixels only, so the zeros outside do not darken
+        # the region's border (which would make the border "background" and the interior "foreground")
+        weight = ndi.gaussian_filter(region.astype(np.float64), sigma=sigma, radius=int(kernel_radius),
+                                     mode="nearest")
+        inside = ndi.gaussian_filter(np.where(region, a, 0.0), sigma=sigma, radius=int(kernel_radius),
+                                     mode="nearest")
+        smooth = np.where(region, inside / np.maximum(weight, 1e-12), 0.0)
+    vals = smooth if region is None else smooth[region]
+    if vals.size == 0 or float(vals.max() - vals.min()) <= 1e-12 * max(1.0, float(np.abs(vals).max())):
         return smooth, np.zeros(smooth.shape, dtype=bool)
     # Hu et al. (weakly-supervised multiscale), Methods, B.: "we thresholded the blurred saliency map using the
     # Isodata thresholding method [31]" (threshold midway between foreground and background means, iterated)
     if isinstance(threshold, str):
         if threshold.lower() != "isodata":
             raise ValueError(f"threshold must be 'isodata' or a float in [0, 1], got {threshold!r}")
-        fg = smooth > threshold_isodata(smooth)
+        fg = smooth > threshold_isodata(vals)
     else:
-        fg = normalise_map(smooth) > float(threshold)
+        lo, hi = float(vals.min()), float(vals.max())
+        fg = (smooth - lo) / (hi - lo) > float(threshold)
+    if region is not None:
+        fg &= region
     # Hu et al. (weakly-supervised multiscale), Methods, B.: "we applied morphological operations (dilation
     # followed by erosion) to close the small holes in the foreground" -> binary closing with a disk. The image is
     # padded so the closing does not erode objects touching the border.
@@ -174,6 +204,8 @@ def saliency_foreground(
         padded = np.pad(fg, r, mode="constant")
         padded = ndi.binary_closing(padded, structure=disk(r).astype(bool))
         fg = padded[r:-r, r:-r]
+        if region is not None:
+            fg &= region
     return smooth, fg
 
 
@@ -186,6 +218,7 @@ def boxes_from_saliency(
     closing_radius: int = 2,
     min_area_px: int = 20,
     connectivity: int = 2,
+    region=None,
 ) -> list[Box]:
     """Bounding boxes of the salient regions of a 2D (joint) saliency map, Hu et al.'s pipeline.
 
@@ -194,11 +227,15 @@ def boxes_from_saliency(
     closing radius or area threshold; ``closing_radius=2`` (disk) and ``min_area_px=20`` are our defaults, meant for
     ~256x256 slices. ``connectivity`` 2 = 8-neighbour components, 1 = 4-neighbour.
 
+    ``region`` (e.g. the lung of the slice) restricts the threshold and the foreground to it
+    (``saliency_foreground``); use it with a map restricted by ``restrict_map_to_region``.
+
     Returns boxes sorted by decreasing ``score`` (mean smoothed |saliency| inside the component); an all-zero or
     constant map gives ``[]``.
     """
     smooth, fg = saliency_foreground(
-        saliency, sigma=sigma, kernel_radius=kernel_radius, threshold=threshold, closing_radius=closing_radius
+        saliency, sigma=sigma, kernel_radius=kernel_radius, threshold=threshold, closing_radius=closing_radius,
+        region=region,
     )
     if not fg.any():
         return []
@@ -228,6 +265,120 @@ def boxes_from_saliency(
         )
     boxes.sort(key=lambda b: (-b.score, b.r0, b.c0))
     return boxes
+
+
+def boxes_from_mask(mask2d, min_area_px: int = 1, *, connectivity: int = 2) -> list[Box]:
+    """Bounding boxes of the connected components of a 2D mask (pixels ``> 0``), e.g. one slice of a lesion mask.
+
+    The same ``Box`` type as ``boxes_from_saliency`` (so ``draw_boxes_rgb`` and the scores take them): ``area`` is
+    the component's pixel count, ``score`` and ``peak`` are the mean and max of the binary mask over it (1.0).
+    Components with fewer than ``min_area_px`` pixels are dropped (specks; for a physical size use
+    ``area_mm2 / (row_mm * col_mm)``). ``connectivity`` 2 = 8-neighbour, 1 = 4-neighbour. Sorted by decreasing
+    ``area``; an empty mask gives ``[]``.
+    """
+    m = np.asarray(mask2d)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2D (H, W), got shape {m.shape}")
+    fg = np.nan_to_num(m.astype(np.float64)) > 0
+    if not fg.any():
+        return []
+    structure = ndi.generate_binary_structure(2, 2 if connectivity == 2 else 1)
+    labels, n = ndi.label(fg, structure=structure)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    boxes: list[Box] = []
+    for k, obj in enumerate(ndi.find_objects(labels), start=1):
+        if obj is None or areas[k] < max(1, int(min_area_px)):
+            continue
+        rs, cs = obj
+        boxes.append(Box(r0=int(rs.start), r1=int(rs.stop), c0=int(cs.start), c1=int(cs.stop),
+                         score=1.0, peak=1.0, area=int(areas[k])))
+    boxes.sort(key=lambda b: (-b.area, b.r0, b.c0))
+    return boxes
+
+
+def dilate_region_mm(region, dilate_mm: float, spacing: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """A 2D bool region grown by ``dilate_mm`` (Euclidean, in mm, with ``spacing`` = (row mm, column mm))."""
+    r = np.asarray(region) > 0
+    if r.ndim != 2:
+        raise ValueError(f"region must be 2D (H, W), got shape {r.shape}")
+    if dilate_mm <= 0 or not r.any() or r.all():
+        return r.copy()
+    dist = ndi.distance_transform_edt(~r, sampling=(float(spacing[0]), float(spacing[1])))
+    return dist <= float(dilate_mm)
+
+
+def restrict_map_to_region(m, region, *, dilate_mm: float = 0.0,
+                           spacing: Sequence[float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A map shown only inside a region (e.g. the lung of the slice): returns ``(map01, region_used)``.
+
+    The region is grown by ``dilate_mm`` (``dilate_region_mm``; a few mm keep subpleural lesions that the lung
+    mask may have cut) and the map is kept inside the grown region, 0 outside, so heat on the chest wall or
+    mediastinum never shows and never becomes a box. The map is min-max rescaled to [0, 1] by the values on the
+    region itself (not the grown band, so a hot chest wall just outside the lung cannot set the scale; the band is
+    clipped to [0, 1]): the strongest pixel of the region is 1 whatever the map did outside. An empty region gives
+    an all-zero map; a map constant on the region gives 0 there too (nothing stands out). NaN/inf count as 0.
+    """
+    a = _as_2d_float(m)
+    r0 = np.asarray(region) > 0
+    if r0.shape != a.shape:
+        raise ValueError(f"region has shape {r0.shape}, expected {a.shape}")
+    r = dilate_region_mm(r0, dilate_mm, spacing)
+    out = np.zeros_like(a)
+    if not r0.any():
+        return out, r
+    vals = a[r0]
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi - lo > 0.0:
+        out[r] = np.clip((a[r] - lo) / (hi - lo), 0.0, 1.0)
+    return out, r
+
+
+def map_informativeness(m, region, boxes: Iterable[Box] | None = None, *, min_spread: float = 0.15,
+                        max_box_cover: float = 0.5) -> dict:
+    """Does a location map single anything out inside a region (the lung)? Returns a dict with ``informative``
+    (bool), ``spread`` (95th minus 50th percentile of the map inside the region; map values as the model gave
+    them, in [0, 1]), ``box_cover`` (share of the region's pixels inside the union of ``boxes``) and ``reason``
+    (a short sentence when not informative, else "").
+
+    Not informative when the map is nearly flat inside the region (``spread < min_spread``: the top 5 % is
+    hardly above the median) or when its boxes cover more than ``max_box_cover`` of the region (a box around
+    "the whole lung" says nothing about where a finding is). Both limits are display rules of this project,
+    not measured cut-offs. An empty region is not informative.
+    """
+    a = _as_2d_float(m)
+    r = np.asarray(region) > 0
+    if r.shape != a.shape:
+        raise ValueError(f"region has shape {r.shape}, expected {a.shape}")
+    n = int(r.sum())
+    if n == 0:
+        return {"informative": False, "spread": 0.0, "box_cover": 0.0, "reason": "no lung in this slice"}
+    p50, p95 = np.percentile(a[r], [50, 95])
+    spread = float(p95 - p50)
+    covered = np.zeros(a.shape, bool)
+    for b in boxes or []:
+        covered[b.slices] = True
+    cover = float((covered & r).sum()) / n
+    reasons = []
+    if spread < min_spread:
+        reasons.append(f"nearly flat inside the lung (95th - 50th percentile {spread:.2f} < {min_spread:g})")
+    if cover > max_box_cover:
+        reasons.append(f"its boxes cover {cover:.0%} of the lung (> {max_box_cover:.0%})")
+    return {"informative": not reasons, "spread": spread, "box_cover": cover, "reason": "; ".join(reasons)}
+
+
+def rescale_boxes(boxes: Iterable[Box], from_shape: tuple[int, int], to_shape: tuple[int, int]) -> list[Box]:
+    """Boxes of an image of ``from_shape`` moved onto the same field of view resampled to ``to_shape`` (to draw
+    them after resizing the picture, so the outline stays sharp). Edges are scaled and rounded outward; every box
+    keeps at least one pixel. ``score``, ``peak`` and ``area`` are kept as they were."""
+    fy = float(to_shape[0]) / float(from_shape[0])
+    fx = float(to_shape[1]) / float(from_shape[1])
+    out = []
+    for b in boxes:
+        r0, c0 = int(np.floor(b.r0 * fy)), int(np.floor(b.c0 * fx))
+        r1, c1 = max(r0 + 1, int(np.ceil(b.r1 * fy))), max(c0 + 1, int(np.ceil(b.c1 * fx)))
+        out.append(Box(r0=r0, r1=min(r1, int(to_shape[0])), c0=c0, c1=min(c1, int(to_shape[1])),
+                       score=b.score, peak=b.peak, area=b.area))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- drawing

@@ -10,17 +10,24 @@ study grid:
 3. trachea and main bronchi: grown from a seed found in the top slices below ``airway_threshold_hu``; the
    threshold is lowered if the growth leaks into the parenchyma. Airways inside the lung come back in step 5,
    because the lung encloses them; the trachea and the main bronchi at the hilum do not;
-4. right/left: 3D components; a single joined component (anterior/posterior junction line) is split by eroding
-   until two seeds appear and giving each voxel to the nearest seed; the lung on the image left (low column
-   index) is the patient's right (``LUNG_RIGHT``);
+4. right/left: every lung-like 3D component is kept (smaller pieces must be lung-dense, not gas, and lie in the
+   lungs' slices), so the small aerated remnant of a lung filled by consolidation and a lobe cut off by it are not
+   dropped; each takes the side of the body midline (median body-centre column) that holds most of it, the image
+   left (low column index) being the patient's right (``LUNG_RIGHT``). A component spanning the midline (lungs
+   joined at a junction line) is split by eroding until one seed lies on each side and giving each voxel to its
+   seed, or cut at the midline when erosion cannot separate them;
 5. disease kept inside the lung: consolidation and ground-glass are denser than aerated lung, so a plain
    threshold leaves holes exactly where the disease is. Each lung is hole-filled per slice and closed with a
    disc of ``closing_radius_mm`` (which fills subpleural pockets whose mouth is narrower than the disc), with
-   bone excluded; the closing runs per lung so the two lungs never merge.
+   bone excluded; the closing runs per lung so the two lungs never merge. On a lung whose aerated part is below
+   ``small_lung_fraction`` of the other's (mostly filled by disease), holes are filled without the organ-dome
+   guard.
 
 Known limits (measured in ``benchmarks/RESULTS.md``): a consolidation that replaces a whole lobe against the
 chest wall is wider than any sensible closing disc and stays partly outside the mask; the closing also fills the
-narrow costophrenic and cardiophrenic corners a little.
+narrow costophrenic and cardiophrenic corners a little. A "white lung" whose consolidation is not enclosed by
+aerated lung in-plane (dependent consolidation under an anterior aerated strip) keeps its side and its aerated part,
+but its consolidation stays outside the mask (phantoms: ~14 % of that lung covered; tests/test_lung_mask.py).
 """
 from __future__ import annotations
 
@@ -46,6 +53,15 @@ class LungMaskParams:
     air_threshold_hu: float = -400.0
     airway_threshold_hu: float = -940.0  # lumen of the large airways; lowered on leak
     min_lung_ml: float = 80.0  # internal-air components below this are not lung
+    # lung pieces at least this share of the largest are lungs as they are; smaller pieces (the aerated remnant of
+    # a lung filled by consolidation, a lobe cut off by it) are kept when lung-like: median density above
+    # gas_median_hu (stomach, bowel and airway gas are ~ -1000 HU, aerated lung ~ -850) and at least half of
+    # them within the slices of the large pieces
+    primary_fraction: float = 0.15
+    gas_median_hu: float = -950.0
+    # a lung whose aerated volume is below this share of the other lung's is treated as mostly filled by disease:
+    # its holes are filled without the organ-dome guard (see organ_dome_holes)
+    small_lung_fraction: float = 0.5
     closing_radius_mm: float = 12.0
     bone_threshold_hu: float = 250.0  # closing never adds voxels denser than this
 
@@ -216,66 +232,166 @@ def find_airway(work: np.ndarray, internal_air: np.ndarray, pixel_mm: float, sli
     return airway, info
 
 
-def split_left_right(lung: np.ndarray, max_erosions: int = 12) -> tuple[np.ndarray, dict[str, Any]]:
-    """Label lung voxels 1 (right, low column index) or 2 (left) from a boolean lung mask on the working grid."""
+#: a lung component with at least this share of its voxels across the body midline may be two lungs joined at a
+#: junction line (or a small remnant of one lung joined to the other): it is eroded to look for one seed per side
+_MIN_CROSS_FRACTION = 0.03
+#: within the first few erosions (a thin bridge, ~4.5 mm on the 1.5 mm grid) a seed down to this share of the
+#: other is accepted: the aerated remnant of a lung filled by consolidation, joined to the healthy lung
+_SMALL_SEED_FRACTION = 0.02
+_SMALL_SEED_EROSIONS = 3
+#: when no erosion separates them and no other lung lies on its smaller side, a component with at least this share
+#: on each side is cut at the midline (a thin aerated remnant joined to the other lung through a wide bridge, such
+#: as a trachea the airway search missed, vanishes under erosion first)
+_CUT_FRACTION = 0.05
+
+
+def split_left_right(lung: np.ndarray, max_erosions: int = 12, *, midline_col: float | None = None,
+                     cross_fraction: float = 0.2, seed_fraction: float = 0.15) -> tuple[np.ndarray, dict[str, Any]]:
+    """Label lung voxels 1 (right, low column index) or 2 (left) from a boolean lung mask on the working grid.
+
+    No component is dropped: the caller decides what is lung. Each 3D component goes to the side of the body
+    midline (``midline_col``, a column index; default the image centre) that holds most of its voxels, so a small
+    second lung (the aerated remnant of a lung filled by consolidation) and extra pieces of one lung (a lobe cut
+    off by consolidation) keep their own side.
+
+    A component with voxels on both sides (at least 3 % on the smaller side; below ``cross_fraction`` there, only
+    when no other component of at least ``seed_fraction`` of it lies on that side) may be two lungs joined at a
+    junction line. It is eroded in-plane until its largest piece and the largest piece on the other side each lie
+    on one side (less than ``cross_fraction`` across), the smaller at least ``seed_fraction`` of the larger (2 %
+    within the first 3 erosions: a thin bridge to a small remnant); each voxel then goes to its seed. If no erosion
+    separates them, a component with at least 5 % on each side is cut at the midline; any other goes whole to its
+    majority side (one lung reaching over the midline).
+
+    If the midline puts the two largest components on the same side although they lie side by side (column ranges
+    overlapping by at most 10 %: two lungs, not two pieces of one lung), the midline estimate is wrong and the
+    midpoint of their centroid columns is used instead.
+    """
     info: dict[str, Any] = {}
     labels = np.zeros(lung.shape, np.uint8)
     box = _bbox(lung)
     if box is None:
         return labels, info
-    sub_labels, info = _split_left_right_box(lung[box], max_erosions, box[2].start, lung.shape[2])
+    mid = (lung.shape[2] - 1) / 2.0 if midline_col is None else float(midline_col)
+    sub_labels, info = _split_left_right_box(lung[box], max_erosions, mid - box[2].start, cross_fraction,
+                                             seed_fraction)
+    if "midline_col" in info:
+        info["midline_col"] = round(info["midline_col"] + box[2].start, 1)
     labels[box] = sub_labels
     return labels, info
 
 
-def _split_left_right_box(lung: np.ndarray, max_erosions: int, col_offset: int,
-                          full_width: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _split_left_right_box(lung: np.ndarray, max_erosions: int, mid: float, cross_fraction: float,
+                          seed_fraction: float) -> tuple[np.ndarray, dict[str, Any]]:
     info: dict[str, Any] = {}
     labels = np.zeros(lung.shape, np.uint8)
     lab, n = ndi.label(lung, structure=_STRUCT_6)
     if n == 0:
         return labels, info
-    sizes = np.bincount(lab.ravel())
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
     sizes[0] = 0
-    order = np.argsort(sizes)[::-1]
-    big = [int(i) for i in order[:2] if sizes[i] > 0]
-    if len(big) == 2 and sizes[big[1]] >= 0.15 * sizes[big[0]]:
-        parts = [lab == big[0], lab == big[1]]
+    col_sum = np.bincount(lab.ravel(), weights=np.broadcast_to(np.arange(lung.shape[2], dtype=np.float64),
+                                                                 lung.shape).ravel(), minlength=n + 1)
+    centroid_col = col_sum / np.maximum(sizes, 1)
+    objs = ndi.find_objects(lab)
+
+    def right_counts(m: float) -> np.ndarray:
+        c = min(max(int(np.ceil(m)), 0), lung.shape[2])  # columns < m lie on the patient's right
+        return np.bincount(lab[:, :, :c].ravel(), minlength=n + 1) if c > 0 else np.zeros(n + 1, np.int64)
+
+    def minority(i: int) -> float:
+        return min(right_n[i], sizes[i] - right_n[i]) / sizes[i]
+
+    right_n = right_counts(mid)
+    order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] > 0]
+    if len(order) >= 2 and sizes[order[1]] >= seed_fraction * sizes[order[0]]:
+        a, b = order[0], order[1]
+        same_side = (2 * right_n[a] >= sizes[a]) == (2 * right_n[b] >= sizes[b])
+        ca, cb = objs[a - 1][2], objs[b - 1][2]
+        overlap = max(0, min(ca.stop, cb.stop) - max(ca.start, cb.start))
+        side_by_side = overlap <= 0.1 * min(ca.stop - ca.start, cb.stop - cb.start)  # two lungs, not two lobes
+        if same_side and side_by_side and minority(a) < cross_fraction and minority(b) < cross_fraction:
+            mid = 0.5 * (centroid_col[a] + centroid_col[b])
+            right_n = right_counts(mid)
+            info["midline"] = "midpoint of the two largest components (the body midline put both on one side)"
+    info["midline_col"] = float(mid)
+
+    how = []
+    for i in order:
+        sl = objs[i - 1]
+        comp = lab[sl] == i
+        majority = LUNG_RIGHT if 2 * right_n[i] >= sizes[i] else LUNG_LEFT
+        # a small share across while the other side has its own lung: this one only reaches over the midline
+        other_lung = minority(i) < cross_fraction and any(
+            j != i and sizes[j] >= seed_fraction * sizes[i] and (2 * right_n[j] >= sizes[j]) != (majority == LUNG_RIGHT)
+            for j in order)
+        if minority(i) < _MIN_CROSS_FRACTION or other_lung:
+            labels[sl][comp] = majority
+            continue
+        right_cols = (np.arange(sl[2].start, sl[2].stop) < mid)[None, None, :]
+        split = _erosion_split(comp, right_cols, max_erosions, cross_fraction, seed_fraction)
+        if split is not None:
+            part_right, k = split
+            labels[sl][comp & part_right] = LUNG_RIGHT
+            labels[sl][comp & ~part_right] = LUNG_LEFT
+            how.append(f"joined lungs split after {k} erosions")
+        elif minority(i) >= _CUT_FRACTION:
+            labels[sl][comp & right_cols] = LUNG_RIGHT
+            labels[sl][comp & ~right_cols] = LUNG_LEFT
+            how.append("joined lungs cut at the midline")
+        else:
+            labels[sl][comp] = majority
+    n_right = int(np.count_nonzero(np.bincount(lab[labels == LUNG_RIGHT], minlength=n + 1)[1:]))
+    n_left = int(np.count_nonzero(np.bincount(lab[labels == LUNG_LEFT], minlength=n + 1)[1:]))
+    if how:
+        info["split"] = how[0]
+    elif n_right and n_left:
         info["split"] = "separate components"
     else:
-        main = lab == big[0]
-        parts = None
-        eroded = main
-        bb = _bbox(main)
-        for k in range(1, max_erosions + 1):
-            eroded = ndi.binary_erosion(eroded, structure=np.ones((1, 3, 3), bool))
-            elab, en = ndi.label(eroded, structure=_STRUCT_6)
-            if en < 2:
-                continue
-            esizes = np.bincount(elab.ravel())
-            esizes[0] = 0
-            eorder = np.argsort(esizes)[::-1]
-            if esizes[eorder[1]] >= 0.15 * esizes[eorder[0]]:
-                markers = np.zeros(main.shape, np.int32)
-                markers[elab == eorder[0]] = 1
-                markers[elab == eorder[1]] = 2
-                full = _assign_to_markers(main, markers, bb)
-                parts = [full == 1, full == 2]
-                info["split"] = f"joined lungs split after {k} erosions"
-                break
-        if parts is None:
-            # one lung only (pneumonectomy, or a collapsed lung): assign by side of the body midline
-            info["split"] = "single lung component"
-            parts = [main, np.zeros_like(main)]
-    centroids = [ndi.center_of_mass(p)[2] if p.any() else np.inf for p in parts]
-    if info.get("split") == "single lung component":
-        right_is_first = centroids[0] + col_offset < full_width / 2
-        labels[parts[0]] = LUNG_RIGHT if right_is_first else LUNG_LEFT
-        return labels, info
-    first_right = centroids[0] <= centroids[1]
-    labels[parts[0]] = LUNG_RIGHT if first_right else LUNG_LEFT
-    labels[parts[1]] = LUNG_LEFT if first_right else LUNG_RIGHT
+        info["split"] = "single lung component"
+    info["components"] = {"total": len(order), "right": n_right, "left": n_left}
     return labels, info
+
+
+def _erosion_split(main: np.ndarray, right_cols: np.ndarray, max_erosions: int, cross_fraction: float,
+                   seed_fraction: float) -> tuple[np.ndarray, int] | None:
+    """Split one component that spans both sides of the midline by in-plane erosion (see ``split_left_right``).
+
+    Returns (right-lung part of ``main``, erosions) or None."""
+    eroded = main
+    bb = _bbox(main)
+    rc = np.broadcast_to(right_cols, main.shape)
+    for k in range(1, max_erosions + 1):
+        eroded = ndi.binary_erosion(eroded, structure=np.ones((1, 3, 3), bool))
+        if not eroded.any():
+            return None
+        elab, en = ndi.label(eroded, structure=_STRUCT_6)
+        if en < 2:
+            continue
+        esizes = np.bincount(elab.ravel(), minlength=en + 1)
+        esizes[0] = 0
+        frac = np.bincount(elab[rc], minlength=en + 1) / np.maximum(esizes, 1)
+        big = int(np.argmax(esizes))
+        if cross_fraction < frac[big] < 1 - cross_fraction:
+            continue  # the largest piece still spans the midline
+        big_right = frac[big] >= 0.5
+        other = (frac <= cross_fraction) if big_right else (frac >= 1 - cross_fraction)
+        other &= esizes > 0
+        other[0] = False
+        if not other.any():
+            continue
+        o = int(np.argmax(np.where(other, esizes, -1)))
+        need = seed_fraction if k > _SMALL_SEED_EROSIONS else min(seed_fraction, _SMALL_SEED_FRACTION)
+        if esizes[o] < need * esizes[big]:
+            continue
+        r, left_id = (big, o) if big_right else (o, big)
+        markers = np.zeros(main.shape, np.int32)
+        markers[elab == r] = 1
+        markers[elab == left_id] = 2
+        full = _assign_to_markers(main, markers, bb)
+        # voxels no seed reached in their slice fall back to the midline
+        part_right = (full == 1) | ((full == 0) & rc)
+        return part_right, k
+    return None
 
 
 def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, ...]) -> np.ndarray:
@@ -490,17 +606,28 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     airway, airway_info = find_airway(work, air, pixel_mm, slice_mm, p.airway_threshold_hu)
     info["airway"] = airway_info
     lung = internal_air & ~ndi.binary_dilation(airway, structure=np.ones((1, 3, 3), bool))
-    # drop what the airway removal cut off (e.g. the trachea's wall rim) and keep the two big pieces
-    labels_work, split_info = split_left_right(_drop_small(lung, p.min_lung_ml / 2, voxel_ml))
+    # drop what the airway removal cut off (e.g. the trachea's wall rim); every other lung-like piece stays, on the
+    # side of the body midline that holds it (a small second lung, a lobe cut off by consolidation)
+    lung, extra_info = _lung_like_components(_drop_small(lung, p.min_lung_ml / 2, voxel_ml), work, p)
+    info.update(extra_info)
+    centres = _body_centres(body)
+    labels_work, split_info = split_left_right(lung, midline_col=_midline_col(centres, lung))
     info.update(split_info)
 
     radius_px = p.closing_radius_mm / pixel_mm
     allowed = body & (work < p.bone_threshold_hu)
-    centres = _body_centres(body)
     blocked = organ_dome_holes(body, labels_work > 0)
-    right = _close_per_slice(labels_work == LUNG_RIGHT, radius_px, allowed, centres, work, hole_blocked=blocked)
+    # a lung whose aerated part is less than `small_lung_fraction` of the other's is mostly filled by disease (or
+    # collapsed): its 2D holes are consolidation far more likely than an organ dome, so the dome guard is off there
+    n_aer = {lab_id: int(np.count_nonzero(labels_work == lab_id)) for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
+    guard = {lab_id: None if 0 < n_aer[lab_id] < p.small_lung_fraction * n_aer[3 - lab_id] else blocked
+             for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
+    info["dome_guard_off"] = [name for name, lab_id in (("right", LUNG_RIGHT), ("left", LUNG_LEFT))
+                              if guard[lab_id] is None]
+    right = _close_per_slice(labels_work == LUNG_RIGHT, radius_px, allowed, centres, work,
+                             hole_blocked=guard[LUNG_RIGHT])
     left = _close_per_slice(labels_work == LUNG_LEFT, radius_px, allowed & ~right, centres, work,
-                            hole_blocked=blocked)
+                            hole_blocked=guard[LUNG_LEFT])
     right &= ~(labels_work == LUNG_LEFT)
     labels_work = np.zeros_like(labels_work)
     labels_work[right] = LUNG_RIGHT
@@ -551,6 +678,45 @@ def organ_dome_holes(body: np.ndarray, lung: np.ndarray, open_fraction: float = 
     return dome[lab]
 
 
+def _midline_col(centres: np.ndarray, lung: np.ndarray) -> float | None:
+    """Body midline column: the median of the per-slice body centre columns over the slices holding lung."""
+    zs = lung.any(axis=(1, 2))
+    cols = centres[zs, 1] if zs.any() else centres[:, 1]
+    cols = cols[np.isfinite(cols)]
+    return float(np.median(cols)) if cols.size else None
+
+
+def _lung_like_components(lung: np.ndarray, work: np.ndarray, p: LungMaskParams) -> tuple[np.ndarray, dict]:
+    """Keep the large air pieces (at least ``primary_fraction`` of the largest) and the smaller ones that look like
+    lung: median density above ``gas_median_hu`` and at least half of their voxels within the slices of the large
+    pieces. Gas in the stomach, bowel or airways (~ -1000 HU) and pieces below the lungs are dropped."""
+    lab, n = ndi.label(lung, structure=_STRUCT_6)
+    if n <= 1:
+        return lung, {}
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    keep = sizes >= p.primary_fraction * sizes.max()
+    keep[0] = False
+    objs = ndi.find_objects(lab)
+    z0 = min(objs[i - 1][0].start for i in np.flatnonzero(keep))
+    z1 = max(objs[i - 1][0].stop for i in np.flatnonzero(keep))
+    kept, dropped = 0, 0
+    for i in np.flatnonzero(~keep[1:]) + 1:
+        sl = objs[i - 1]
+        comp = lab[sl] == i
+        per_z = comp.sum(axis=(1, 2))
+        zs = np.arange(sl[0].start, sl[0].stop)
+        within = per_z[(zs >= z0) & (zs < z1)].sum() / max(int(per_z.sum()), 1)
+        if float(np.median(work[sl][comp])) > p.gas_median_hu and within >= 0.5:
+            keep[i] = True
+            kept += 1
+        else:
+            dropped += 1
+    if not (kept or dropped):
+        return lung, {}
+    return keep[lab], {"small_pieces": {"kept_as_lung": kept, "dropped_as_gas_or_below_lungs": dropped}}
+
+
 def _body_centres(body: np.ndarray) -> np.ndarray:
     """(Z, 2) centroid (row, col) of the body per slice; NaN where a slice has no body."""
     centres = np.full((body.shape[0], 2), np.nan, np.float32)
@@ -574,6 +740,33 @@ def _drop_small(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
     return keep[lab]
 
 
+#: a 2D image is "cropped through the body" when less than this share of its border pixels is air; measured:
+#: 0.78-1.0 on the full-field COVID-19-CT-Seg slices, 0.01-0.37 on the body-cropped MedSeg exports
+CUT_BORDER_AIR_FRACTION = 0.5
+#: in a body-cropped image, an air component with at least this share of its pixels in the border band (3 % of the
+#: image side) is outside air in a corner, not lung
+BORDER_AIR_FRACTION = 0.5
+
+
+def _cut_through_body(dark: np.ndarray) -> bool:
+    """True when the image was cropped through the body (e.g. MedSeg exports): its border is mostly tissue."""
+    border = np.concatenate([dark[0], dark[-1], dark[:, 0], dark[:, -1]])
+    return float(border.mean()) < CUT_BORDER_AIR_FRACTION
+
+
+def _border_air(lab: np.ndarray, n: int) -> np.ndarray:
+    """(n + 1,) bool: components of ``lab`` lying mostly in the image's border band (outside air in corners)."""
+    b = max(2, int(round(0.03 * max(lab.shape))))
+    band = np.zeros(lab.shape, bool)
+    band[:b] = band[-b:] = True
+    band[:, :b] = band[:, -b:] = True
+    total = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+    in_band = np.bincount(lab[band].ravel(), minlength=n + 1).astype(np.float64)
+    out = in_band >= BORDER_AIR_FRACTION * np.maximum(total, 1)
+    out[0] = False
+    return out
+
+
 def segment_lungs_2d(image: np.ndarray, *, is_hu: bool = False, pixel_mm: float = 1.4,
                      closing_radius_mm: float = 12.0, threshold: float | None = None) -> np.ndarray:
     """The same lung finding on one 2D slice (HU, or an 8-bit windowed image without HU).
@@ -592,20 +785,36 @@ def segment_lungs_2d(image: np.ndarray, *, is_hu: bool = False, pixel_mm: float 
         threshold = -400.0 if is_hu else float(threshold_otsu(img))
     dense = img > threshold
     dense = ndi.binary_opening(dense, structure=np.ones((3, 3), bool))
-    body = fill_holes_2d(_largest_component(dense))
+    body = _largest_component(dense)
+    # exported 8-bit slices are often cropped through the chest (MedSeg), so the lungs reach the image edge and
+    # are not holes of the body: a plain hole filling then keeps only air specks as "lung" (the cause of the
+    # near-empty 2D `segment` masks). Such images take every dark region as candidate, minus corner air.
+    cut = _cut_through_body(img <= threshold)
+    body = fill_holes_2d(np.pad(body, 1, constant_values=True))[1:-1, 1:-1] if cut else fill_holes_2d(body)
     air = (img <= threshold) & body
     lab, n = ndi.label(air, structure=_STRUCT_2D_8)
     if n == 0:
         return np.zeros(image.shape, np.uint8)
-    sizes = np.bincount(lab.ravel()) * (pixel_mm * pixel_mm / 100.0)  # cm²
+    if cut:
+        lab[_border_air(lab, n)[lab]] = 0
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * (pixel_mm * pixel_mm / 100.0)  # cm²
     sizes[0] = 0
-    keep = sizes >= 2.0
-    lung = keep[lab]
-    labels3, _ = split_left_right(lung[None])
-    labels = labels3[0]
+    # small air blobs (bowel, oesophagus, air under the table) go; a small aerated remnant of a lung mostly filled
+    # by disease is rarely below 5 % of the largest air region
+    keep = (sizes >= 2.0) & (sizes >= 0.05 * sizes.max())
+    # side by each air component's centroid against the body's centre column: no component is dropped (a lung
+    # mostly filled by consolidation leaves a small aerated part, which must stay), and rotated exports (lungs
+    # above / below each other) keep both lungs, if with arbitrary side labels
+    centre_col = float(np.nonzero(body)[1].mean())
+    col_sum = np.bincount(lab.ravel(), weights=np.broadcast_to(np.arange(image.shape[1]), image.shape).ravel(),
+                          minlength=n + 1)
+    cols = col_sum / np.maximum(np.bincount(lab.ravel(), minlength=n + 1), 1)
+    side = np.where(cols < centre_col, LUNG_RIGHT, LUNG_LEFT)
+    side[~keep] = 0
+    labels = side[lab].astype(np.uint8)
     radius_px = closing_radius_mm / pixel_mm
     allowed = body[None]
-    centres = _body_centres(allowed)
+    centres = None if cut else _body_centres(allowed)  # no pleural pockets where the body outline is unknown
     right = _close_per_slice((labels == LUNG_RIGHT)[None], radius_px, allowed, centres)[0]
     left = _close_per_slice((labels == LUNG_LEFT)[None], radius_px, allowed & ~right[None], centres)[0]
     out = np.zeros(image.shape, np.uint8)

@@ -4,12 +4,20 @@
   suppression (``method = "threshold-baseline"``), returning a :class:`LesionFinding`.
 * :func:`quantify` — volumes, lesion volume ratio, count, per-lesion size/position/side/HU, peripheral lesion ratio
   (DeepSC-COVID Eq. (1)), spread of lesion centres, bilateral involvement, zone involvement (thirds of each lung's
-  craniocaudal extent, not lobes), MosMedData CT-0…CT-4 grade and a zone-based CT severity score.
+  craniocaudal extent, not lobes), MosMedData CT-0…CT-4 grade and a zone-based CT severity score. "Lesion" is
+  in-lung lesion in components of at least ``DEFAULT_MIN_LESION_ML``; below the study noise floor
+  (``NOISE_FLOOR_ML`` / ``NOISE_FLOOR_PERCENT``) the grade is CT-0 with CTSS 0, and a zone scores only above the zone
+  floor (``ZONE_FLOOR_ML`` / ``ZONE_FLOOR_PERCENT``). The floors are this project's choice.
 
 Definitions and conventions: ``docs/quantification.md``.
 """
 from pneumoct.quantify.measures import (
+    DEFAULT_MIN_LESION_ML,
     MOSMED_GRADES,
+    NOISE_FLOOR_ML,
+    NOISE_FLOOR_PERCENT,
+    ZONE_FLOOR_ML,
+    ZONE_FLOOR_PERCENT,
     ZONE_NAMES,
     ctss_band,
     label_lesions,
@@ -38,4 +46,9 @@ __all__ = [
     "peripheral_band_slice",
     "ZONE_NAMES",
     "MOSMED_GRADES",
+    "DEFAULT_MIN_LESION_ML",
+    "NOISE_FLOOR_ML",
+    "NOISE_FLOOR_PERCENT",
+    "ZONE_FLOOR_ML",
+    "ZONE_FLOOR_PERCENT",
 ]

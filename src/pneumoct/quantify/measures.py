@@ -15,7 +15,14 @@ Conventions (see :mod:`pneumoct.types`):
 * lesions are 3D connected components with **26-connectivity** (face, edge and corner neighbours);
 * zones are thirds of each lung's craniocaudal extent — **not lobes**;
 * positions in mm are canonical offsets ``index × spacing`` from the centre of voxel [0, 0, 0] (z toward the feet,
-  y toward the back, x toward the patient's left), not patient (LPS) coordinates.
+  y toward the back, x toward the patient's left), not patient (LPS) coordinates;
+* **one definition of "lesion" everywhere**: lesion-mask voxels *inside the lung mask*, grouped into 3D components,
+  keeping components of at least ``min_lesion_ml``. Volumes, LVR, percent involved, zones, severity, count, list,
+  spread, PLR, CT values and class fractions all use that set; the whole mask is reported apart
+  (``lesion_volume_raw_ml``, ``lesion_volume_excluded_ml``);
+* **floors** (our own choice, not from the cited papers; see ``docs/quantification.md``): the size floor
+  ``min_lesion_ml`` (0.2 mL), the study noise floor (in-lung lesion < 1 mL or < 0.1 % of the lung -> CT-0, CTSS 0)
+  and the zone floor (a zone scores 0 below 0.1 mL or 0.1 % of its lung).
 """
 from __future__ import annotations
 
@@ -29,6 +36,11 @@ from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO, LUNG_LEFT, LUNG_RIG
 
 __all__ = [
     "quantify",
+    "DEFAULT_MIN_LESION_ML",
+    "NOISE_FLOOR_ML",
+    "NOISE_FLOOR_PERCENT",
+    "ZONE_FLOOR_ML",
+    "ZONE_FLOOR_PERCENT",
     "label_lesions",
     "per_slice_lesion_area_mm2",
     "lesion_probability_from_area",
@@ -51,6 +63,26 @@ MOSMED_GRADES = {
     4: ("CT-4", "critical: >= 75% of the lung involved"),
 }
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+# ------------------------------------------------------------------------------------------------ floors
+# These are our own choices (no paper defines them); the reasons are in docs/quantification.md, "Floors".
+#: Size floor: a 3D component of in-lung lesion smaller than this is not a lesion (not counted, not listed, not in
+#: any volume, involvement or severity). 0.2 mL is a sphere of ~7 mm diameter; smaller foci are at the scale of
+#: vessel cross-sections and partial-volume specks (solid nodules < 6 mm, ~0.1 mL, need no follow-up by the
+#: Fleischner 2017 guideline), and they are what segmenters produce as false-positive specks.
+DEFAULT_MIN_LESION_ML = 0.2
+#: Study noise floor: when the in-lung lesion volume (after the size floor) is below NOISE_FLOOR_ML *or* below
+#: NOISE_FLOOR_PERCENT of the lung volume, the study is graded CT-0 with CTSS 0 (``severity.below_noise_floor``).
+#: 0.1 % of a 4-6 L lung is 4-6 mL (an ~2 cm focus), far below the resolution of a visual extent estimate
+#: (MosMedData steps of 25 %, CTSS's lowest band < 5 % of a lobe); the shipped segmenter finds 1.6 mL (0.045 %) of
+#: "lesion" in the real normal study (covid-ct-md normal001), so the floor leaves a ~2x margin. Lesions under the
+#: floor are still counted and listed; only the grade treats them as noise.
+NOISE_FLOOR_ML = 1.0
+NOISE_FLOOR_PERCENT = 0.1
+#: Zone floor: a zone scores a CTSS band only when its lesion is at least ZONE_FLOOR_ML *and* at least
+#: ZONE_FLOOR_PERCENT of the zone's lung (a lesion's sliver crossing into the next third does not score there).
+ZONE_FLOOR_ML = 0.1
+ZONE_FLOOR_PERCENT = 0.1
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -171,14 +203,26 @@ def _validate(lesion_mask: np.ndarray, lung_mask: np.ndarray, hu: np.ndarray | N
 
 
 def label_lesions(
-    lesion_mask: np.ndarray, spacing: Sequence[float] | None = None, *, min_lesion_ml: float = 0.0
+    lesion_mask: np.ndarray,
+    spacing: Sequence[float] | None = None,
+    *,
+    min_lesion_ml: float = 0.0,
+    lung_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Label lesions as :func:`quantify` counts them: 3D components, 26-connectivity, ids by decreasing volume.
 
-    Returns ``(labels int32 (Z, Y, X), n)``; id k here is ``lesions[k-1]`` in :func:`quantify`'s output (when
-    no more than ``max_lesions_listed`` lesions). Components below ``min_lesion_ml`` (needs ``spacing``) get 0.
+    Returns ``(labels int32 (Z, Y, X), n)``. With ``lung_mask`` the lesion mask is first restricted to the lung
+    (label > 0), as :func:`quantify` does; components below ``min_lesion_ml`` (needs ``spacing``) get 0. With
+    ``spacing``, ``lung_mask`` and ``min_lesion_ml=DEFAULT_MIN_LESION_ML`` (quantify's defaults), id k here is
+    ``lesions[k-1]`` in :func:`quantify`'s output (when no more than ``max_lesions_listed`` lesions). The defaults
+    here (no lung, no size floor) label every component of the whole mask.
     """
     les = np.asarray(lesion_mask) > 0
+    if lung_mask is not None:
+        lung = np.asarray(lung_mask)
+        if lung.shape != les.shape:
+            raise ValueError(f"lung_mask must have the lesion mask's shape {les.shape}, got {lung.shape}")
+        les = les & (lung > 0)
     labels, n = ndi.label(les, structure=_CONNECTIVITY_26)
     if n == 0:
         return labels.astype(np.int32, copy=False), 0
@@ -188,7 +232,7 @@ def label_lesions(
     if min_lesion_ml > 0:
         if spacing is None:
             raise ValueError("min_lesion_ml needs spacing")
-        keep = sizes * (float(np.prod(_check_spacing(spacing))) / 1000.0) >= min_lesion_ml
+        keep = sizes * (float(np.prod(_check_spacing(spacing))) / 1000.0) >= min_lesion_ml * (1 - 1e-9)
     lut = np.zeros(n + 1, dtype=np.int32)
     new_id = 0
     for old in order:
@@ -254,12 +298,21 @@ def quantify(
     hu: np.ndarray | None = None,
     *,
     peripheral_thickness_mm: float = 10.0,
-    min_lesion_ml: float = 0.0,
+    min_lesion_ml: float = DEFAULT_MIN_LESION_ML,
+    noise_floor_ml: float = NOISE_FLOOR_ML,
+    noise_floor_percent: float = NOISE_FLOOR_PERCENT,
+    zone_floor_ml: float = ZONE_FLOOR_ML,
+    zone_floor_percent: float = ZONE_FLOOR_PERCENT,
     bilateral_min_ml: float = 0.1,
     lesion_bilateral_fraction: float = 0.2,
     max_lesions_listed: int = 200,
 ) -> dict[str, Any]:
     """Quantify lesions inside the lungs. Returns a JSON-serialisable dict (see ``docs/quantification.md``).
+
+    "Lesion" means, for every measure: lesion-mask voxels inside the lung mask, in 3D components (26-connectivity)
+    of at least ``min_lesion_ml``. The whole mask's volume, what lies outside the lung and what the size floor
+    removed are reported apart (``lesion_volume_raw_ml``, ``lesion_volume_excluded_ml``,
+    ``lesion_components_below_min``).
 
     Args:
         lesion_mask: (Z, Y, X) lesion labels: 1 GGO, 2 consolidation, other > 0 unspecified lesion; bool = lesion
@@ -268,15 +321,19 @@ def quantify(
         spacing: (z, y, x) voxel spacing, mm.
         hu: optional (Z, Y, X) Hounsfield units, for the CT-value measures.
         peripheral_thickness_mm: σ of DeepSC-COVID Eq. (1), the in-plane erosion radius in mm.
-        min_lesion_ml: components smaller than this are left out of the lesion count, the lesion list and the
-            spread of centres (all volumes still include them). 0 = count every component.
+        min_lesion_ml: size floor; in-lung components smaller than this are not lesions (0 = every component).
+        noise_floor_ml, noise_floor_percent: study noise floor; when the in-lung lesion volume is below
+            ``noise_floor_ml`` or below ``noise_floor_percent`` % of the lung, severity is CT-0 with CTSS 0,
+            ``bilateral_involvement`` is False and ``severity.below_noise_floor`` is True (0 and 0 = no floor).
+        zone_floor_ml, zone_floor_percent: a zone scores a CTSS band only when its lesion is at least
+            ``zone_floor_ml`` and at least ``zone_floor_percent`` % of the zone's lung.
         bilateral_min_ml: lesion volume needed inside *each* lung for ``bilateral_involvement``.
         lesion_bilateral_fraction: a single lesion is "bilateral" when each lung holds at least this fraction of
-            its in-lung voxels, otherwise it takes the side holding the majority.
+            its voxels, otherwise it takes the side holding the majority.
         max_lesions_listed: the per-lesion list keeps the largest this many (the count is not truncated).
 
     Raises:
-        ValueError: the lung mask is empty, shapes differ, labels or spacing are invalid.
+        ValueError: the lung mask is empty, shapes differ, labels, spacing or floors are invalid.
     """
     lesion_mask = np.asarray(lesion_mask)
     lung_mask = np.asarray(lung_mask)
@@ -286,26 +343,39 @@ def quantify(
     sigma = float(peripheral_thickness_mm)
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError("peripheral_thickness_mm must be a non-negative number")
+    floors = {
+        "min_lesion_ml": min_lesion_ml,
+        "noise_floor_ml": noise_floor_ml,
+        "noise_floor_percent": noise_floor_percent,
+        "zone_floor_ml": zone_floor_ml,
+        "zone_floor_percent": zone_floor_percent,
+    }
+    for name, v in floors.items():
+        try:
+            ok = math.isfinite(float(v)) and float(v) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        floors[name] = float(v)
+    min_lesion_ml, noise_floor_ml, noise_floor_percent, zone_floor_ml, zone_floor_percent = floors.values()
     voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
     typed = lesion_mask.dtype != bool
     notes: list[str] = []
 
     lung_full = lung_mask > 0
-    les_full = lesion_mask > 0
     box = _bbox_of(lung_full)
     if box is None:
         raise ValueError(
             "lung mask is empty: no lung voxels (labels 1 = right, 2 = left), so lesion volume ratio, involvement "
             "and severity are undefined; check the lung segmentation"
         )
-    les_box = _bbox_of(les_full)
-    if les_box is not None:  # crop to the union of lung and lesion boxes
-        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box, les_box))  # type: ignore
+    n_raw = int(np.count_nonzero(lesion_mask))  # the whole mask, in the lung or not
+    del lung_full
+    # every measured lesion voxel lies in the lung, so the lung's bounding box holds them all
     off = np.array([s.start for s in box], dtype=np.float64)
     lm = lung_mask[box]
     lz = lesion_mask[box]
-    les = les_full[box]
-    del lung_full, les_full
     if lm.dtype == bool:
         lm = lm.astype(np.uint8)  # a boolean lung mask is all "right"
 
@@ -318,24 +388,51 @@ def quantify(
         missing = "left (label 2)" if n_left == 0 else "right (label 1)"
         notes.append(f"lung mask has no {missing} lung: side, bilateral and zone measures cover one lung only")
 
+    # ---- lesion = in-lung lesion voxels in components of at least min_lesion_ml (3D, 26-connectivity)
+    les_in = (lz > 0) & lung
+    n_raw_in_lung = int(np.count_nonzero(les_in))
+    labels, n_components = ndi.label(les_in, structure=_CONNECTIVITY_26)
+    del les_in
+    comp_sizes = np.bincount(labels.ravel(), minlength=n_components + 1)
+    comp_sizes[0] = 0
+    keep = comp_sizes > 0
+    if min_lesion_ml > 0:
+        keep &= comp_sizes * voxel_ml >= min_lesion_ml * (1 - 1e-9)  # a volume exactly at a floor reaches it
+    keep[0] = False
+    n_counted = int(np.count_nonzero(keep))
+    n_below_min = int(n_components - n_counted)
+    les = keep[labels]
+    n_below_min_vox = n_raw_in_lung - int(np.count_nonzero(les))
+    n_outside_vox = n_raw - n_raw_in_lung
+    if n_outside_vox:
+        notes.append(
+            f"{100 * n_outside_vox / n_raw:.1f}% of the lesion mask ({n_outside_vox * voxel_ml:.3f} mL) lies outside "
+            "the lung mask: it is not measured (only lesion_volume_raw_ml and lesion_volume_excluded_ml include it)"
+        )
+
     # ---- lesion voxels (coordinates in the crop, C order: sorted by z)
     idx = np.nonzero(les)
     n_les = int(idx[0].size)
     lung_val = lm[idx]
     in_right = lung_val == LUNG_RIGHT
     in_left = lung_val == LUNG_LEFT
-    in_lung = in_right | in_left
     n_les_right, n_les_left = int(in_right.sum()), int(in_left.sum())
-    n_les_in_lung = n_les_right + n_les_left
     cls = lz[idx] if typed else None
     n_ggo = int(np.count_nonzero(cls == LESION_GGO)) if typed else None
     n_cons = int(np.count_nonzero(cls == LESION_CONSOLIDATION)) if typed else None
-    if n_les and n_les_in_lung < n_les:
-        frac_out = 1 - n_les_in_lung / n_les
-        notes.append(
-            f"{100 * frac_out:.1f}% of the lesion volume lies outside the lung mask; it counts in the lesion volume, "
-            "lesion volume ratio and PLR denominator, not in involvement, zones or severity"
+
+    # ---- study noise floor (our choice, see NOISE_FLOOR_*): below it the lung is graded CT-0, CTSS 0
+    pct_lung = 100.0 * n_les / n_lung
+    les_ml = n_les * voxel_ml
+    below_floor = bool(les_ml < noise_floor_ml * (1 - 1e-9) or pct_lung < noise_floor_percent * (1 - 1e-9))
+    floor_text = f"< {noise_floor_ml:g} mL or < {noise_floor_percent:g}% of the lung"
+    floor_note = None
+    if below_floor and n_les:
+        floor_note = (
+            f"in-lung lesion {les_ml:.3f} mL ({pct_lung:.4f}% of the lung) is below the noise floor ({floor_text}): "
+            "graded CT-0 with CTSS 0; the lesions are still counted and listed"
         )
+        notes.append(floor_note)
 
     # ---- zones (thirds of each lung's craniocaudal extent; not lobes)
     Zc = lm.shape[0]
@@ -343,7 +440,7 @@ def quantify(
     zone_ranges: dict[str, tuple[int, int] | None] = {}
     right_per_z = right.sum(axis=(1, 2))
     left_per_z = left.sum(axis=(1, 2))
-    for lab, per_z, base, side in ((LUNG_RIGHT, right_per_z, 0, "right"), (LUNG_LEFT, left_per_z, 3, "left")):
+    for lab_id, per_z, base, side in ((LUNG_RIGHT, right_per_z, 0, "right"), (LUNG_LEFT, left_per_z, 3, "left")):
         thirds = zone_slices(per_z > 0)
         for t, name in enumerate(("upper", "middle", "lower")):
             zname = f"{side}_{name}"
@@ -351,11 +448,11 @@ def quantify(
                 zone_ranges[zname] = None
                 continue
             a, b = thirds[t]
-            zone_of_z[lab, a:b] = base + t
+            zone_of_z[lab_id, a:b] = base + t
             zone_ranges[zname] = (a, b)
     zone_lung = np.zeros(6, dtype=np.int64)
-    for lab, per_z in ((LUNG_RIGHT, right_per_z), (LUNG_LEFT, left_per_z)):
-        zi = zone_of_z[lab]
+    for lab_id, per_z in ((LUNG_RIGHT, right_per_z), (LUNG_LEFT, left_per_z)):
+        zi = zone_of_z[lab_id]
         ok = zi >= 0
         np.add.at(zone_lung, zi[ok], per_z[ok])
     vox_zone = np.full(n_les, -1, dtype=np.int64)
@@ -363,20 +460,34 @@ def quantify(
     vox_zone[in_left] = zone_of_z[LUNG_LEFT, idx[0][in_left]]
     zone_les = np.bincount(vox_zone[vox_zone >= 0], minlength=6)
 
+    zone_pct = [100.0 * zone_les[k] / zone_lung[k] if zone_lung[k] else None for k in range(6)]
+    zone_below = [
+        not (zone_les[k] > 0 and zone_les[k] * voxel_ml >= zone_floor_ml * (1 - 1e-9)
+             and (zone_pct[k] or 0.0) >= zone_floor_percent * (1 - 1e-9))
+        for k in range(6)
+    ]
+    bands = [0 if (below_floor or zone_below[k]) else ctss_band(zone_pct[k]) for k in range(6)]
+    zone_fallback = None
+    if not below_floor and n_les and not any(bands):
+        # involvement above the study floor spread thinly over zones, none of them above the zone floor: the most
+        # involved zone scores 1, so a study graded CT-1 or above never has CTSS 0
+        k = int(np.argmax([p or 0.0 for p in zone_pct]))
+        bands[k] = 1
+        zone_fallback = ZONE_NAMES[k]
+        notes.append(f"no zone reaches the zone floor; the most involved zone ({zone_fallback}) scores 1")
     zones: dict[str, Any] = {}
     ctss_per_zone: dict[str, int] = {}
     for k, name in enumerate(ZONE_NAMES):
-        pct = 100.0 * zone_les[k] / zone_lung[k] if zone_lung[k] else None
-        band = ctss_band(pct)
         rng = zone_ranges[name]
         zones[name] = {
             "slices": None if rng is None else [int(rng[0] + off[0]), int(rng[1] + off[0])],
             "lung_ml": _r(zone_lung[k] * voxel_ml, 3),
             "lesion_ml": _r(zone_les[k] * voxel_ml, 3),
-            "percent_involved": _r(pct, 3),
-            "ctss": band,
+            "percent_involved": _r(zone_pct[k], 3),
+            "below_zone_floor": bool(zone_below[k]),
+            "ctss": bands[k],
         }
-        ctss_per_zone[name] = band
+        ctss_per_zone[name] = bands[k]
 
     # ---- peripheral band, DeepSC-COVID Eq. (1), per slice, only where there is lesion
     periph = np.zeros(n_les, dtype=bool)
@@ -391,8 +502,6 @@ def quantify(
             y0, y1 = max(int(yv.min()) - my, 0), min(int(yv.max()) + my + 1, Y)
             x0, x1 = max(int(xv.min()) - mx, 0), min(int(xv.max()) + mx + 1, X)
             win = lung[z, y0:y1, x0:x1]
-            if not win.any():
-                continue
             # the window reaches σ beyond the lesion pixels, so any non-lung pixel within σ of them is inside it;
             # padding marks the crop border (= outside the lung's box, non-lung) where the window touches it.
             pads = ((1 if y0 == 0 else 0, 1 if y1 == Y else 0), (1 if x0 == 0 else 0, 1 if x1 == X else 0))
@@ -407,17 +516,16 @@ def quantify(
 
     hu_vals = hu[box][idx].astype(np.float64) if (hu is not None and n_les) else None
 
-    # ---- lesions: 3D components, 26-connectivity
+    # ---- lesions: the kept components, ids by decreasing volume
     lesions: list[dict[str, Any]] = []
     spread = None
-    n_components = n_counted = 0
     if n_les:
-        labels, n_components = ndi.label(les, structure=_CONNECTIVITY_26)
         lab = labels[idx]
-        sizes = np.bincount(lab, minlength=n_components + 1)
         objs = ndi.find_objects(labels)
         del labels
-        cnt = lambda w: np.bincount(lab, weights=w, minlength=n_components + 1)  # noqa: E731
+        nc1 = n_components + 1
+        cnt = lambda w: np.bincount(lab, weights=w, minlength=nc1)  # noqa: E731
+        sizes = np.bincount(lab, minlength=nc1)
         n_r, n_l = cnt(in_right), cnt(in_left)
         ggo_c = cnt(cls == LESION_GGO) if typed else None
         cons_c = cnt(cls == LESION_CONSOLIDATION) if typed else None
@@ -425,11 +533,9 @@ def quantify(
         cz, cy, cx = (cnt(i.astype(np.float64)) / np.maximum(sizes, 1) for i in idx)
         hu_sum = cnt(hu_vals) if hu_vals is not None else None
         okz = vox_zone >= 0
-        zl = np.bincount(lab[okz] * 6 + vox_zone[okz], minlength=(n_components + 1) * 6).reshape(-1, 6)
+        zl = np.bincount(lab[okz] * 6 + vox_zone[okz], minlength=nc1 * 6).reshape(-1, 6)
 
-        order = _lesion_order(sizes, n_components)
-        counted = [c for c in order if sizes[c] * voxel_ml >= min_lesion_ml] if min_lesion_ml > 0 else list(order)
-        n_counted = len(counted)
+        counted = [int(c) for c in _lesion_order(sizes, n_components) if keep[c]]
         centres = []
         for new_id, c in enumerate(counted, start=1):
             s = objs[c - 1]
@@ -440,10 +546,7 @@ def quantify(
             if new_id > max_lesions_listed:
                 continue
             v = int(sizes[c])
-            inl = n_r[c] + n_l[c]
-            if inl == 0:
-                side = None
-            elif min(n_r[c], n_l[c]) / inl >= lesion_bilateral_fraction:
+            if min(n_r[c], n_l[c]) / v >= lesion_bilateral_fraction:
                 side = "bilateral"
             else:
                 side = "right" if n_r[c] > n_l[c] else "left"
@@ -503,10 +606,11 @@ def quantify(
             "consolidation_mean": _r(hv[cls == LESION_CONSOLIDATION].mean(), 1) if typed and n_cons else None,
         }
 
-    pct_lung = 100.0 * n_les_in_lung / n_lung
-    grade = mosmed_grade(pct_lung)
+    # MosMedData grade (Morozov et al., 2020) from the one involvement number, 0 below the noise floor
+    grade = 0 if below_floor else mosmed_grade(pct_lung)
     ctss_total = int(sum(ctss_per_zone.values()))
     les_r_ml, les_l_ml = n_les_right * voxel_ml, n_les_left * voxel_ml
+    lvr = n_les / n_lung
 
     return {
         "spacing_mm_zyx": [_r(s, 4) for s in sp],
@@ -516,17 +620,23 @@ def quantify(
             "right": _r(n_right * voxel_ml, 3),
             "left": _r(n_left * voxel_ml, 3),
         },
-        "lesion_volume_ml": _r(n_les * voxel_ml, 3),
+        "lesion_volume_ml": _r(les_ml, 3),
         "lesion_volume_in_lung_ml": {
-            "total": _r(n_les_in_lung * voxel_ml, 3),
+            "total": _r(les_ml, 3),
             "right": _r(les_r_ml, 3),
             "left": _r(les_l_ml, 3),
         },
-        "lesion_volume_ratio": _r(n_les / n_lung, 6),
-        "percent_lung_involved": _r(pct_lung, 3),
-        "lesion_fraction_in_lung": _r(n_les_in_lung / n_les, 4) if n_les else None,
+        "lesion_volume_raw_ml": _r(n_raw * voxel_ml, 3),
+        "lesion_volume_excluded_ml": {
+            "outside_lung": _r(n_outside_vox * voxel_ml, 3),
+            "below_min_lesion": _r(n_below_min_vox * voxel_ml, 3),
+        },
+        "lesion_volume_ratio": _r(lvr, 6),
+        "percent_lung_involved": _r(100.0 * lvr, 3),
+        "lesion_fraction_in_lung": _r(n_raw_in_lung / n_raw, 4) if n_raw else None,
         "lesion_count": n_counted,
-        "lesion_components_below_min": int(n_components - n_counted),
+        "lesion_components_below_min": n_below_min,
+        "min_lesion_ml": _r(min_lesion_ml, 4),
         "connectivity": "3D, 26-connectivity (face, edge and corner neighbours)",
         "ggo_volume_ml": _r(n_ggo * voxel_ml, 3) if typed else None,
         "consolidation_volume_ml": _r(n_cons * voxel_ml, 3) if typed else None,
@@ -538,12 +648,16 @@ def quantify(
         "peripheral_thickness_px_yx": [_r(sigma / sp[1], 3), _r(sigma / sp[2], 3)],
         "lesion_centre_spread_mm": spread,
         "bilateral_involvement": bool(
-            n_les_right > 0 and n_les_left > 0 and les_r_ml >= bilateral_min_ml and les_l_ml >= bilateral_min_ml
+            not below_floor
+            and n_les_right > 0
+            and n_les_left > 0
+            and les_r_ml >= bilateral_min_ml
+            and les_l_ml >= bilateral_min_ml
         ),
         "bilateral_min_ml": _r(bilateral_min_ml, 4),
         "zones_not_lobes": zones,
         "severity": {
-            "percent_lung_involved": _r(pct_lung, 3),
+            "percent_lung_involved": _r(100.0 * lvr, 3),
             "mosmed_level": grade,
             "mosmed_grade": MOSMED_GRADES[grade][0],
             "mosmed_description": MOSMED_GRADES[grade][1],
@@ -552,6 +666,19 @@ def quantify(
             "ctss_per_zone": ctss_per_zone,
             "ctss_note": "per zone (thirds of each lung's craniocaudal extent), 6 zones, 0-30; "
             "the published CTSS is per lobe, 5 lobes, 0-25",
+            "below_noise_floor": below_floor,
+            "min_lesion_ml": _r(min_lesion_ml, 4),
+            "noise_floor_ml": _r(noise_floor_ml, 4),
+            "noise_floor_percent": _r(noise_floor_percent, 4),
+            "zone_floor_ml": _r(zone_floor_ml, 4),
+            "zone_floor_percent": _r(zone_floor_percent, 4),
+            "zone_floor_fallback": zone_fallback,
+            "floor_note": floor_note
+            or (
+                f"lesions < {min_lesion_ml:g} mL are not counted; CT-0 and CTSS 0 when the lesion is {floor_text}; "
+                f"a zone scores only from {zone_floor_ml:g} mL and {zone_floor_percent:g}% of its lung "
+                "(floors chosen by this project, not from the cited papers)"
+            ),
         },
         "lesions": lesions,
         "lesions_truncated": bool(n_counted > max_lesions_listed),
@@ -560,5 +687,6 @@ def quantify(
             "lesion_count_lvr_bbox_ct_values_spread_plr": "DeepSC-COVID, Sec. III-B, Findings 1-4; PLR Eq. (1)",
             "mosmed_grade": "Morozov et al., MosMedData, arXiv:2005.06465 (2020)",
             "ctss": "Pan et al., Radiology 2020;295(3):715-721 (0-5 per lobe); applied per zone here",
+            "floors": "min_lesion_ml, noise and zone floors: this project's choice (docs/quantification.md)",
         },
     }

@@ -36,36 +36,212 @@ def gallery_indices(n_slices: int, lung_slices: np.ndarray, max_images: int = 16
     return list(range(lo, hi + 1, step)), step
 
 
-def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max_slices: int = 6) -> list[dict]:
-    """The slices the lesion model is most sure about, each drawn plain, with the CAM of the real-data lesion
-    model (+ boxes from it, Hu et al. box extraction) and with the M3Lung-Sys prototype map (synthetic-trained)."""
-    if learned is None or learned.lesion_probability is None:
+#: Scores of the explanation maps against lesion masks, copied from a past measurement (documentation, not
+#: computed here): ``benchmarks/explain_eval.py`` run on 2026-11-22 (commit f60a567) on the shipped checkpoints,
+#: results in ``benchmarks/results/explain_lesion_presence_real_val.json`` (real masks: 150 lesion slices of
+#: COVID-19-CT-Seg belonging to the lesion network's validation patients, 96x96 lung crops, pointing tolerance
+#: 15 px) and ``benchmarks/results/explain_m3lung_phantoms.json`` (synthetic: 120 lesion slices of the held-out
+#: phantom cohort, 128x128 crops, tolerance 8 px); summarised in benchmarks/RESULTS.md and docs/explanations.md.
+#: ``tests/test_report_explanations.py`` checks these numbers against those JSON files. The maps were scored as
+#: the networks give them (whole crop), before the report's restriction to the lung.
+EXPLANATION_SCORES: dict[str, Any] = {
+    "source": "benchmarks/explain_eval.py, 2026-11-22 (benchmarks/results/explain_lesion_presence_real_val.json, "
+              "benchmarks/results/explain_m3lung_phantoms.json)",
+    "data": {
+        "real": {"text": "COVID-19-CT-Seg slices with radiologist lesion masks, 150 lesion slices of the "
+                         "lesion network's validation patients (2 patients, not trained on; the set's patient "
+                         "mapping is approximate), 96×96 lung crops, pointing tolerance 15 px",
+                 "chance_energy": 0.057, "n": 150, "model": "lesion_presence",
+                 "checkpoint_sha256": "23bca989c4a3bc2010eaea78ab48ef6e985c41ff8d9edaaa4977786e5ecb7d49",
+                 "file": "explain_lesion_presence_real_val.json"},
+        "synthetic": {"text": "our phantoms (held-out cohort) with their lesion masks, 120 lesion "
+                              "slices of 5 phantoms, 128×128 crops, pointing tolerance 8 px",
+                      "chance_energy": 0.018, "n": 120, "model": "m3lung_slice",
+                      "checkpoint_sha256": "3502ff340eb369b6db9a7217ac9e58cb66018a8d373a26b4b366babdee09b71d",
+                      "file": "explain_m3lung_phantoms.json"},
+    },
+    # key = method name in the result file's "methods"; shown = drawn in this report
+    "rows": [
+        {"name": "CAM Conv4, lesion network", "key": "cam/conv4", "data": "real", "shown": True,
+         "pointing_game": 0.85, "energy_inside": 0.068, "dice": 0.15, "lesion_recall": 0.26, "box_precision": 0.28},
+        {"name": "CAM joint (Conv3·4·5 product), lesion network", "key": "cam", "data": "real", "shown": False,
+         "pointing_game": 0.67, "energy_inside": 0.081, "dice": 0.12, "lesion_recall": 0.16, "box_precision": 0.43},
+        {"name": "Grad-CAM (last block), lesion network", "key": "gradcam", "data": "real", "shown": False,
+         "pointing_game": 0.69, "energy_inside": 0.091, "dice": 0.12, "lesion_recall": 0.15, "box_precision": 0.45},
+        {"name": "Integrated gradients (joint), lesion network", "key": "integrated_gradients", "data": "real",
+         "shown": False, "pointing_game": 0.65, "energy_inside": 0.058, "dice": 0.00, "lesion_recall": 0.03,
+         "box_precision": 0.08},
+        {"name": "random map (control)", "key": "random", "data": "real", "shown": False,
+         "pointing_game": 0.44, "energy_inside": 0.057, "dice": 0.10, "lesion_recall": 0.08, "box_precision": 0.26},
+        {"name": "M3Lung-Sys prototype map", "key": "prototype", "data": "synthetic", "shown": True,
+         "pointing_game": 0.39, "energy_inside": 0.027, "dice": 0.08, "lesion_recall": 0.14, "box_precision": 0.11},
+        {"name": "Grad-CAM, M3Lung-Sys slice network", "key": "gradcam", "data": "synthetic", "shown": False,
+         "pointing_game": 0.21, "energy_inside": 0.035, "dice": 0.08, "lesion_recall": 0.19, "box_precision": 0.22},
+        {"name": "Integrated gradients, M3Lung-Sys slice network", "key": "integrated_gradients",
+         "data": "synthetic", "shown": False, "pointing_game": 0.04, "energy_inside": 0.027, "dice": 0.03,
+         "lesion_recall": 0.19, "box_precision": 0.02},
+        {"name": "random map (control)", "key": "random", "data": "synthetic", "shown": False,
+         "pointing_game": 0.09, "energy_inside": 0.018, "dice": 0.03, "lesion_recall": 0.00, "box_precision": 0.00},
+    ],
+}
+
+#: lung mask grown by this much before a map is restricted to it (keeps subpleural lesions the mask may cut)
+MAP_LUNG_DILATION_MM = 5.0
+#: lesion-mask components smaller than this (on the slice) get no box
+MASK_BOX_MIN_AREA_MM2 = 20.0
+#: colours of the boxes: from the CAM (Hu et al. extraction) and from the lesion mask
+CAM_BOX_RGB = (0, 255, 0)
+MASK_BOX_RGB = (255, 0, 255)
+#: evidence bar for a slice to be explained (besides a lesion area > 0)
+EVIDENCE_PROBABILITY = 0.5
+
+
+def choose_explanation_slices(lesion_area, probability, n: int = 6, *,
+                              p_min: float = EVIDENCE_PROBABILITY) -> list[int]:
+    """Up to ``n`` slices to explain, spread over the craniocaudal extent of the evidence.
+
+    Evidence slices: lesion area > 0 or ``probability >= p_min`` (NaN counts as none). They are split, in z order,
+    into ``min(n, count)`` groups of about equal size, so more panels go where more slices carry evidence; each
+    group gives its strongest slice (largest lesion area, then highest probability, then the lower index).
+    Groups are visited from the strongest down, so the study's strongest slice is always chosen; a group's next
+    strongest slice is taken instead when its best lies closer than ``max(2, extent // (2 n))`` slices to one
+    already chosen (extent = first to last evidence slice), so no two chosen slices are adjacent. Returns the
+    chosen indices sorted; ``[]`` when no slice has evidence.
+    """
+    area = np.nan_to_num(np.asarray(lesion_area, np.float64).ravel(), nan=0.0)
+    prob = np.nan_to_num(np.asarray(probability, np.float64).ravel(), nan=0.0)
+    if area.shape != prob.shape:
+        raise ValueError(f"lesion_area and probability differ in length: {area.size} vs {prob.size}")
+    ev = np.flatnonzero((area > 0) | (prob >= p_min))
+    if n <= 0 or ev.size == 0:
         return []
-    from ..explain.boxes import boxes_from_saliency, draw_boxes_rgb, overlay_map_rgb
+    ranked = []
+    for g in np.array_split(ev, min(int(n), ev.size)):
+        ranked.append(g[np.lexsort((g, -prob[g], -area[g]))])  # last key first: area, then probability, then z
+    min_gap = max(2, int(ev[-1] - ev[0] + 1) // (2 * int(n)))
+    chosen: list[int] = []
+    for g in sorted(ranked, key=lambda r: (-area[r[0]], -prob[r[0]], int(r[0]))):
+        for z in g:
+            if all(abs(int(z) - c) >= min_gap for c in chosen):
+                chosen.append(int(z))
+                break
+    return sorted(chosen)
+
+
+def _slice_values(result: dict[str, Any], key: str, n: int) -> np.ndarray:
+    vals = [(s.get(key) if isinstance(s, dict) else None) for s in (result.get("slices") or [])][:n]
+    out = np.array([np.nan if v is None else float(v) for v in vals] + [np.nan] * (n - len(vals)), np.float64)
+    return out
+
+
+def _map_image(grey: np.ndarray, map2d: np.ndarray, region: np.ndarray | None, spacing_yx, aspect: float):
+    """A location map restricted to the (dilated) lung → (display RGB without boxes, in-lung map, region)."""
+    from ..explain.boxes import overlay_map_rgb, restrict_map_to_region
+
+    if region is None:
+        region = np.ones(map2d.shape, bool)
+    shown, reg = restrict_map_to_region(map2d, region, dilate_mm=MAP_LUNG_DILATION_MM, spacing=spacing_yx)
+    return _resize_rgb(overlay_map_rgb(grey, shown), aspect), shown, reg
+
+
+def _draw(rgb: np.ndarray, boxes, full_shape, colour) -> np.ndarray:
+    from ..explain.boxes import draw_boxes_rgb, rescale_boxes
+
+    if not boxes:
+        return rgb
+    return draw_boxes_rgb(rgb, rescale_boxes(boxes, full_shape, rgb.shape[:2]), colour=colour, thickness=2)
+
+
+def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max_slices: int = 6, *,
+                        lung_labels: np.ndarray | None = None, lesion_mask: np.ndarray | None = None) -> list[dict]:
+    """Slices chosen by :func:`choose_explanation_slices` (evidence from ``result["slices"]``: lesion area of the
+    lesion mask, lesion probability), each with the CAM (Conv4) of the real-data lesion network and the M3Lung-Sys
+    prototype map (synthetic-trained), both restricted to the slice's lung mask grown by 5 mm and rescaled inside
+    it. On both, magenta boxes outline the lesion mask's 2D components on that slice (≥ 20 mm²). Green boxes are
+    extracted from the in-lung CAM (Hu et al.; threshold computed inside the lung) and drawn only where the CAM is
+    informative (:func:`pneumoct.explain.boxes.map_informativeness`); otherwise the caption says why."""
+    if learned is None or not (getattr(learned, "cam_maps", None) or getattr(learned, "prototype_maps", None)):
+        return []
+    from ..explain.boxes import boxes_from_mask, boxes_from_saliency, map_informativeness
     from .render import window_to_uint8
 
-    p = np.nan_to_num(learned.lesion_probability, nan=-1.0)
-    order = [int(z) for z in np.argsort(-p, kind="stable") if p[z] >= 0.5][:max_slices]
+    n = study.shape[0]
+    area = _slice_values(result, "lesion_area_mm2", n)
+    prob = _slice_values(result, "lesion_probability", n)
     aspect = float(study.spacing[1]) / float(study.spacing[2])
+    spacing_yx = (float(study.spacing[1]), float(study.spacing[2]))
+    min_mask_px = int(np.ceil(MASK_BOX_MIN_AREA_MM2 / (spacing_yx[0] * spacing_yx[1])))
     panels = []
-    for z in sorted(order):
+    for z in choose_explanation_slices(area, prob, max_slices):
         grey = window_to_uint8(study.hu[z])
+        lung = (lung_labels[z] > 0) if lung_labels is not None else None
+        mask_boxes = boxes_from_mask(lesion_mask[z], min_mask_px) if lesion_mask is not None else []
+        mask_text = (f"magenta: {len(mask_boxes)} box(es) from the lesion mask" if mask_boxes
+                     else "no lesion-mask component ≥ 20 mm² on this slice")
         images = []
         cam = learned.slice_map("cam", z)
         if cam is not None:
-            rgb = overlay_map_rgb(grey, cam)
-            boxes = boxes_from_saliency(cam)
-            rgb = draw_boxes_rgb(rgb, boxes, colour=(0, 255, 0), thickness=2)
-            images.append({"uri": png_data_uri(_resize_rgb(rgb, aspect)),
-                           "caption": f"CAM (Conv4), lesion network (real-data), {len(boxes)} box(es)"})
+            rgb, shown, reg = _map_image(grey, cam, lung, spacing_yx, aspect)
+            cam_boxes = boxes_from_saliency(shown, region=reg, min_area_px=max(20, min_mask_px))
+            info = map_informativeness(cam, reg, cam_boxes)
+            if info["informative"]:
+                rgb = _draw(rgb, cam_boxes, grey.shape, CAM_BOX_RGB)
+                cap = (f"CAM (Conv4), lesion network (real-data), inside the lung; green: {len(cam_boxes)} box(es) "
+                       f"from the CAM; {mask_text}")
+            else:
+                cap = (f"CAM (Conv4), lesion network (real-data), inside the lung. The CAM is uninformative here "
+                       f"({info['reason']}): its boxes are not drawn; {mask_text}")
+            images.append({"uri": png_data_uri(_draw(rgb, mask_boxes, grey.shape, MASK_BOX_RGB)), "caption": cap,
+                           "informative": bool(info["informative"])})
         proto = learned.slice_map("prototype", z)
         if proto is not None:
-            images.append({"uri": png_data_uri(_resize_rgb(overlay_map_rgb(grey, proto), aspect)),
-                           "caption": "M3Lung-Sys prototype map (synthetic-trained)"})
-        if images:
-            panels.append({"index": z, "position_mm": result["slices"][z]["position_mm"],
-                           "lesion_probability": float(p[z]), "images": images})
+            rgb, _, reg = _map_image(grey, proto, lung, spacing_yx, aspect)
+            info = map_informativeness(proto, reg)
+            flat = "" if info["informative"] else f" Nearly flat inside the lung ({info['reason']})."
+            images.append({"uri": png_data_uri(_draw(rgb, mask_boxes, grey.shape, MASK_BOX_RGB)),
+                           "caption": f"M3Lung-Sys prototype map (synthetic-trained), inside the lung; "
+                                      f"{mask_text}.{flat}", "informative": bool(info["informative"])})
+        if not images:  # no map for this slice (too little lung for the models): the findings alone
+            rgb = _draw(_resize_rgb(np.repeat(grey[..., None], 3, axis=2), aspect), mask_boxes, grey.shape,
+                        MASK_BOX_RGB)
+            images.append({"uri": png_data_uri(rgb), "caption": f"no model map for this slice; {mask_text}",
+                           "informative": False})
+        panels.append({"index": int(z), "position_mm": float(result["slices"][z]["position_mm"]),
+                       "lesion_probability": float(np.nan_to_num(prob[z])),
+                       "lesion_area_mm2": float(np.nan_to_num(area[z])), "images": images})
     return panels
+
+
+def explanation_scores(learned=None) -> list[dict]:
+    """The rows of :data:`EXPLANATION_SCORES` for the report, each with its data description, chance level, and a
+    note when the checkpoint that ran differs from the one measured."""
+    prov = (getattr(learned, "provenance", None) or {}) if learned is not None else {}
+    rows = []
+    for r in EXPLANATION_SCORES["rows"]:
+        d = EXPLANATION_SCORES["data"][r["data"]]
+        ran = (prov.get(d["model"]) or {}).get("sha256")
+        note = ""
+        if ran and ran != d["checkpoint_sha256"]:
+            note = f"measured on checkpoint {d['checkpoint_sha256'][:12]}, not the {ran[:12]} that ran here"
+        rows.append({**r, "data_kind": r["data"], "data_text": d["text"], "n": d["n"],
+                     "chance_energy": d["chance_energy"], "note": note})
+    return rows
+
+
+def explanation_context(result: dict[str, Any], study: StudyVolume, learned, lung_labels: np.ndarray | None,
+                        lesion_mask: np.ndarray | None) -> dict[str, Any]:
+    """Template variables of the "Where the models looked" section."""
+    panels = location_map_panels(result, study, learned, lung_labels=lung_labels, lesion_mask=lesion_mask)
+    has_maps = learned is not None and bool(getattr(learned, "cam_maps", None)
+                                            or getattr(learned, "prototype_maps", None))
+    note = ""
+    if has_maps and not panels:
+        note = (f"No slice reached the evidence threshold (lesion area > 0 in the lesion mask or lesion probability "
+                f"≥ {EVIDENCE_PROBABILITY:g}), so no location map is shown.")
+    return {"map_panels": panels, "map_section": has_maps, "map_note": note,
+            "map_dilation_mm": MAP_LUNG_DILATION_MM, "mask_box_min_mm2": MASK_BOX_MIN_AREA_MM2,
+            "explanation_scores": explanation_scores(learned) if has_maps else [],
+            "explanation_scores_source": EXPLANATION_SCORES["source"]}
 
 
 def _resize_rgb(rgb: np.ndarray, aspect: float, max_size: int = 256) -> np.ndarray:
@@ -139,6 +315,17 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         curve_svg=curve_svg(probs, marks=idx, y_max=1.0), slice_prob_source=result["models"]["slice_lesion_probability"],
         step=step, gallery=gallery, warnings=inp.get("warnings") or [], input_rows=input_rows,
         timing=result["timing_s"], version=__version__, schema_version=result["schema_version"],
-        map_panels=location_map_panels(result, study, learned), learned_models=(result["models"].get("learned") or {}),
-        rule_result=patient.get("rule_result"),
+        **explanation_context(result, study, learned, lung_labels, lesion_mask),
+        learned_models=(result["models"].get("learned") or {}),
+        rule_result=patient.get("rule_result"), differential=patient.get("differential"),
+        research=(patient.get("research_panel") or {}).get("m3lung_patient"),
+        research_note=(patient.get("research_panel") or {}).get("note", ""),
+        headline_validation=_validation_text(patient), slab_mm=40,
     )
+
+
+def _validation_text(patient: dict[str, Any]) -> str:
+    v = (patient.get("model") or {}).get("validation")
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {val}" for k, val in v.items())
+    return str(v) if v else ""

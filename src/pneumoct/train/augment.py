@@ -39,6 +39,14 @@ class AugmentConfig:
     p_contrast: float = 0.8
     window_center_range: tuple[float, float] = M3LUNG_TRAIN_CENTER_RANGE  # HU rows (M3Lung-Sys)
     window_width: float = M3LUNG_WIDTH
+    # intensity randomisation applied to every row after it is in [0, 1] (bridges 8-bit exports and HU windows;
+    # all off by default so the papers' settings stay as they were): window width jitter for HU rows, gamma,
+    # Gaussian blur (reconstruction kernel) and additive noise, each with probability p_intensity
+    window_width_range: tuple[float, float] | None = None
+    gamma: tuple[float, float] | None = None
+    blur_sigma: tuple[float, float] | None = None
+    noise_std: tuple[float, float] | None = None
+    p_intensity: float = 0.5
 
 
 def to_unit(image: np.ndarray, is_hu: bool, center: float = LESION_MODEL_WINDOW[0],
@@ -80,6 +88,17 @@ def _source_coords(size: int, rng: np.random.Generator, cfg: AugmentConfig) -> n
     return np.stack([pr, pc])
 
 
+def _intensity(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Gamma, blur and noise on a [0, 1] image, each drawn with probability ``p_intensity`` (none when unset)."""
+    if cfg.gamma and rng.random() < cfg.p_intensity:
+        x = np.clip(x, 0.0, 1.0) ** float(rng.uniform(*cfg.gamma))
+    if cfg.blur_sigma and rng.random() < cfg.p_intensity:
+        x = ndi.gaussian_filter(x, float(rng.uniform(*cfg.blur_sigma)))
+    if cfg.noise_std and rng.random() < cfg.p_intensity:
+        x = x + rng.normal(0.0, float(rng.uniform(*cfg.noise_std)), x.shape).astype(np.float32)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
 def augment_slice(image: np.ndarray, is_hu: bool, mask: np.ndarray | None, rng: np.random.Generator,
                   cfg: AugmentConfig | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """One training view of a crop: intensity (random window for HU, contrast jitter for grey), then the same
@@ -88,13 +107,15 @@ def augment_slice(image: np.ndarray, is_hu: bool, mask: np.ndarray | None, rng: 
     image = np.asarray(image, dtype=np.float32)
     if is_hu:
         center = float(rng.uniform(*cfg.window_center_range))
-        x = window_input(image, center, cfg.window_width)
+        width = float(rng.uniform(*cfg.window_width_range)) if cfg.window_width_range else cfg.window_width
+        x = window_input(image, center, width)
     else:
         x = np.clip(image, 0.0, 1.0)
         if rng.random() < cfg.p_contrast:
             f = float(rng.uniform(*cfg.contrast))
             m = float(x.mean())
             x = np.clip(m + (x - m) * f, 0.0, 1.0)
+    x = _intensity(x, rng, cfg)
     coords = _source_coords(int(image.shape[-1]), rng, cfg)
     if coords is not None:
         x = ndi.map_coordinates(x, coords, order=1, mode="constant", cval=0.0)

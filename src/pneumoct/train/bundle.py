@@ -5,7 +5,8 @@
 Copies ``RUN_DIR/best`` to ``DIR/<key>/`` (default: the package's ``weights/``), re-saved with provenance in its
 meta: ``data_kind`` ("synthetic" when every training source is a phantom, "real+synthetic" when mixed, else
 "real"), ``trained_on`` (the
-sources), ``validation_summary`` (the run's best validation metrics), and the run's model card beside it.
+sources), ``validation_summary`` (the run's best validation metrics), and the run's model card and training-data
+fingerprint (``best/fingerprint.json``, see :mod:`pneumoct.fingerprint`) beside it.
 Write-then-rename: a half-copied model never looks installed.
 """
 from __future__ import annotations
@@ -56,9 +57,24 @@ def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = 
     save_checkpoint(tmp, model, info["model_name"], info["model_kwargs"], meta)
     if (run / "model_card.md").is_file():
         shutil.copy(run / "model_card.md", tmp / "model_card.md")
+    # the training-data fingerprint (pneumoct.fingerprint), stored by train_from_config beside best/
+    for fp in (run / "best" / "fingerprint.json", run / "fingerprint.json"):
+        if fp.is_file():
+            _install_fingerprint(fp, tmp / "fingerprint.json", key, run.name)
+            break
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def _install_fingerprint(src: Path, dst: Path, key: str, run_name: str) -> None:
+    """Copy a run's fingerprint, naming the model it now belongs to (its statistics are left as they are)."""
+    try:
+        fp = json.loads(src.read_text())
+        fp.setdefault("model", {}).update({"key": key, "installed_from_run": run_name})
+        dst.write_text(json.dumps(fp, indent=1) + "\n")
+    except (json.JSONDecodeError, AttributeError):
+        shutil.copy(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ SEG_TARGETS = {
     "lesion_binary": ("background", "lesion"),                              # lesion_mask > 0; one sigmoid logit
     "lesion_multiclass": ("background", "ground_glass", "consolidation"),   # lesion_mask 0/1/2; softmax over 3
 }
-TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg")
+TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid")
 
 
 @dataclass
@@ -81,6 +81,9 @@ class SplitConfig:
     # patients kept out of training AND validation (exact ids or "prefix/*"): a held-out test patient, e.g. for
     # leave-one-study-out validation; it must never steer early stopping or checkpoint choice
     exclude_patients: list | None = None
+    # patients always in training, never in validation (same pattern syntax): e.g. the real DICOM studies' weak
+    # negatives and hybrids, whose few patients would otherwise land in validation by chance
+    train_only_patients: list | None = None
 
 
 @dataclass
@@ -106,6 +109,9 @@ class TrainOptions:
     bn_recalibrate: str = "epoch"
     bn_recalibrate_batches: int = 8
     device: str = "cpu"
+    # segmentation task: start from this checkpoint folder's weights (same architecture), e.g. to fine-tune the
+    # shipped segmenter on new data; None = random initialisation
+    init_from: str | None = None
 
 
 @dataclass
@@ -285,8 +291,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(spec, dict) or "kind" not in spec:
             raise _bad(f"data.tables[{i}] must be a mapping with 'kind' and 'path'")
         for k in spec:
-            if k not in ("kind", "path", "limit", "per_lung"):
-                raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit, per_lung)")
+            if k not in ("kind", "path", "limit", "per_lung", "studies", "seed", "copies"):
+                raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit, per_lung; "
+                           "studies, seed, copies for covid_ct_md_hybrid)")
         _choice(spec["kind"], TABLE_KINDS, f"data.tables[{i}].kind")
         if not spec.get("path") and spec["kind"] in ("phantom_cohort", "manifest"):
             raise _bad(f"data.tables[{i}].path is missing")
@@ -350,6 +357,7 @@ def parse_config(raw: Any, base_dir: str | Path | None = None) -> TrainConfig:
             if isinstance(spec, dict) and "path" in spec:
                 spec["path"] = fix(str(spec["path"]))
         cfg.patient.slice_checkpoint = fix(cfg.patient.slice_checkpoint)
+        cfg.train.init_from = fix(cfg.train.init_from)
     return _validate(cfg)
 
 

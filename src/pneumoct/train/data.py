@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Bump when the way rows are built changes, so cached tables are rebuilt.
-TABLE_VERSION = "slice-table-1"
+TABLE_VERSION = "slice-table-2"  # 2: 2D lung finder handles body-cropped exports (MedSeg crops changed)
 DEFAULT_SIZE = 128
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 COVID_CT_MD_ROOT = SHARED_DATA / "covid-ct-md"
@@ -518,7 +518,7 @@ def table_from_manifest(path: str | os.PathLike[str], size: int = DEFAULT_SIZE, 
 
 # -- dispatch and cache ----------------------------------------------------------------------------------------------
 
-_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg")
+_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid")
 
 
 def build_table(spec: dict, size: int = DEFAULT_SIZE) -> SliceTable:
@@ -538,6 +538,12 @@ def build_table(spec: dict, size: int = DEFAULT_SIZE) -> SliceTable:
         return table_from_covid19_ct_seg_png(path or COVID19_CT_SEG_PNG_ROOT, size, limit=limit, per_lung=per_lung)
     if kind == "medseg":
         return table_from_medseg(path or MEDSEG_ROOT, size, limit=limit)
+    if kind == "covid_ct_md_hybrid":
+        from .hybrid import table_from_ctmd_hybrid
+
+        return table_from_ctmd_hybrid(path or COVID_CT_MD_ROOT, size,
+                                      studies=spec.get("studies") or ("covid", "cap", "normal"),
+                                      seed=int(spec.get("seed", 0)), copies=int(spec.get("copies", 1)))
     raise ValueError(f"unknown table kind {kind!r}; choose from {', '.join(_KINDS)}")
 
 

@@ -105,6 +105,13 @@ def split_indices(table: SliceTable, patient_labels: np.ndarray, split: Any) -> 
     keep = ~excluded_rows(table.patient_id, getattr(split, "exclude_patients", None))
     if not keep.any():
         raise PneumoctInputError("bad_config", "split.exclude_patients leaves no data")
+    forced = keep & excluded_rows(table.patient_id, getattr(split, "train_only_patients", None))
+    if forced.any():
+        rest = keep & ~forced
+        sub = table.subset(np.flatnonzero(rest))
+        tr, va = split_indices(sub, np.asarray(patient_labels)[rest], _without_forced(split))
+        rest_rows = np.flatnonzero(rest)
+        return np.sort(np.concatenate([rest_rows[tr], np.flatnonzero(forced)])), rest_rows[va]
     rows = np.flatnonzero(keep)
     pids, plabels = table.patient_id[rows], np.asarray(patient_labels)[rows]
     if split.kfold:
@@ -115,6 +122,15 @@ def split_indices(table: SliceTable, patient_labels: np.ndarray, split: Any) -> 
     else:
         tr, va = patient_split(pids, plabels, split.val_fraction, split.seed)
     return rows[tr], rows[va]
+
+
+def _without_forced(split: Any) -> Any:
+    import copy
+
+    out = copy.copy(split)
+    out.exclude_patients = None
+    out.train_only_patients = None
+    return out
 
 
 def excluded_rows(patient_ids: np.ndarray, patterns: list | None) -> np.ndarray:

@@ -9,6 +9,8 @@
       last_state/         last epoch's weights + optimizer/scheduler/RNG state, for --resume
       model_card.md       model, data, split, validation metrics, intended use, limitations
       DONE                written last: a folder without it is not a finished run
+      best/fingerprint.json  the training-data fingerprint (pneumoct.fingerprint), written after DONE by
+                          train_from_config; a run without it still counts as finished
 
 :func:`train_from_config` is what the CLI calls.
 """
@@ -25,8 +27,8 @@ import yaml
 from ..errors import PneumoctInputError
 from .config import TrainConfig, config_to_dict, load_config
 
-__all__ = ["RunFolder", "train_from_config", "is_complete", "SYNTHETIC_SOURCES", "is_synthetic_source",
-           "synthetic_banner"]
+__all__ = ["RunFolder", "train_from_config", "store_fingerprint", "is_complete", "SYNTHETIC_SOURCES",
+           "is_synthetic_source", "synthetic_banner"]
 
 SYNTHETIC_SOURCES = ("phantom",)
 SYNTHETIC_LINE = "**Trained on synthetic phantoms — not clinical accuracy.**"
@@ -196,11 +198,28 @@ def train_from_config(config: str | Path | TrainConfig, out: str | Path | None =
 
         if resume:
             raise PneumoctInputError("bad_argument", "the segmentation task does not resume; start a new run")
-        return fit_segmentation(cfg, out, progress=progress)
-    if cfg.task == "patient":
+        metrics = fit_segmentation(cfg, out, progress=progress)
+    elif cfg.task == "patient":
         from .patient import fit_patient
 
-        return fit_patient(cfg, out, resume=resume, progress=progress)
-    from .loop import fit
+        metrics = fit_patient(cfg, out, resume=resume, progress=progress)
+    else:
+        from .loop import fit
 
-    return fit(cfg, out, resume=resume, progress=progress)
+        metrics = fit(cfg, out, resume=resume, progress=progress)
+    store_fingerprint(cfg, out)
+    return metrics
+
+
+def store_fingerprint(cfg: TrainConfig, out: str | Path) -> Path | None:
+    """Write the training-data fingerprint beside a finished run's best checkpoint (``best/fingerprint.json``).
+    Never fails the run: a problem is logged and None returned."""
+    if not is_complete(out):
+        return None
+    try:
+        from ..fingerprint import write_run_fingerprint
+
+        return write_run_fingerprint(out, cfg)
+    except Exception as exc:  # the model is trained; a missing fingerprint must not lose it
+        logging.getLogger("pneumoct.train").warning("training-data fingerprint not written: %s", exc)
+        return None

@@ -338,6 +338,12 @@ def fit_segmentation(cfg: TrainConfig, out_dir, progress: bool = True, table: Sl
         val_loader = DataLoader(val_ds, batch_size=t.batch_size, shuffle=False)
 
         model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
+        if getattr(t, "init_from", None):
+            from .checkpoint import load_checkpoint
+
+            init_model, _ = load_checkpoint(t.init_from, expected_name=cfg.model.name)  # sha256-verified
+            model.load_state_dict(init_model.state_dict())
+            log.info("initialised from %s", t.init_from)
         opt = build_optimizer(model, t)
         n_batches = max(1, len(train_ds) // t.batch_size)
         if t.max_batches_per_epoch:
