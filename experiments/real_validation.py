@@ -162,6 +162,23 @@ def dicom_loso(candidates, studies) -> dict:
         labelled = [per[k]["slice_auc_area"] for k in studies if per[k]["slice_auc_area"] is not None]
         out[cand] = {"per_study": per, "mean_heldout_slice_auc": round(float(np.mean(labelled)), 4) if labelled else None,
                      "calls_correct": sum(per[k]["call_correct"] for k in studies), "n_studies": len(studies)}
+    # the patient-level outputs that drove (or could drive) the headline before issue 9, on the same studies: the
+    # M3Lung-Sys patient network (trained on SYNTHETIC phantoms only: never saw these studies) and the explicit
+    # rule (hand-set thresholds, on the threshold-baseline masks)
+    from pneumoct.pipeline import DiagnoseOptions, analyse_study
+
+    other: dict = {"m3lung_patient": {}, "rule": {}}
+    for s in studies:
+        r = analyse_study(read[s], DiagnoseOptions(write_report=False, write_masks=False, lesions="threshold"),
+                          {}).result["patient"]
+        truth = bool(labels[s].any())
+        for name, block in (("m3lung_patient", (r.get("research_panel") or {}).get("m3lung_patient")),
+                            ("rule", r.get("rule_result"))):
+            if block:
+                p = float(block["abnormal_probability"])
+                other[name][s] = {"label": block["label"], "abnormal_probability": round(p, 4),
+                                  "call_correct": bool((p >= 0.5) == truth)}
+    out["_other_patient_methods"] = other
     out["_seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -260,7 +277,7 @@ def write_doc(res: dict) -> None:
     for cand, v in res["dicom"].items():
         if cand.startswith("_"):
             continue
-        for s, r in v["per_study"].items():
+        for s, r in v["per_study"].items():  # noqa: B007
             ci = r["slice_auc_ci95"]
             L.append(f"| {cand}{' (selected)' if cand == res['selected'] else ''} | {s} | "
                      f"{r['slice_auc_area'] if r['slice_auc_area'] is not None else '—'}"
@@ -273,6 +290,15 @@ def write_doc(res: dict) -> None:
     for cand, v in res["dicom"].items():
         if not cand.startswith("_"):
             L.append(f"| {cand} | {v['mean_heldout_slice_auc']} | {v['calls_correct']} / {v['n_studies']} |")
+    other = res["dicom"].get("_other_patient_methods") or {}
+    if other:
+        L += ["", "Patient-level outputs that are not calibrated on these studies, for comparison (the M3Lung-Sys "
+              "network never saw them — trained on synthetic phantoms only; the rule's thresholds were set by hand):",
+              "", "| method | study | label | abnormal score | healthy-vs-abnormal call correct |", "|---|---|---|---|---|"]
+        for name, per in other.items():
+            for s, r in per.items():
+                L.append(f"| {name} | {s} | {r['label']} | {r['abnormal_probability']:.2f} | "
+                         f"{'yes' if r['call_correct'] else 'no'} |")
     L += ["", f"**Selected for `diagnose`: `{res['selected']}`** (rule fixed before the runs: highest mean held-out "
           "slice AUC; within 0.02 the lower normal-study lesion volume). Its figures are optimistic by this choice "
           "among the candidates on the same three studies. The threshold baseline's hand-set parameters were tuned "
