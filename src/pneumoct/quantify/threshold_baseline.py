@@ -111,6 +111,21 @@ def _close_inplane(mask: np.ndarray, fp2d: np.ndarray) -> np.ndarray:
     return ndi.binary_erosion(_dilate_inplane(mask, fp2d), structure=fp2d[None], border_value=1)
 
 
+def _mediastinum(lung: np.ndarray) -> np.ndarray:
+    """Per slice, the non-lung pixels between the two lungs: in each row that holds lung on both sides of the
+    midline column (the centre of the lung's left-right extent over the whole volume), the pixels between the
+    innermost lung pixel of each side. Side-agnostic (the lung labels may be boolean)."""
+    med = np.zeros_like(lung)
+    cols = np.flatnonzero(lung.any(axis=(0, 1)))
+    if cols.size == 0:
+        return med
+    c = (int(cols[0]) + int(cols[-1])) // 2
+    x = np.arange(lung.shape[2], dtype=np.int32)
+    right_in = np.where(lung[:, :, :c], x[None, None, :c], -1).max(axis=2)  # innermost lung column, x < c
+    left_in = np.where(lung[:, :, c:], x[None, None, c:], lung.shape[2]).min(axis=2)  # innermost, x >= c
+    both = (right_in >= 0) & (left_in < lung.shape[2])
+    med = both[:, :, None] & (x[None, None, :] > right_in[:, :, None]) & (x[None, None, :] < left_in[:, :, None])
+    return med & ~lung
 
 
 def _erode_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
@@ -222,6 +237,9 @@ def find_lesions_threshold(
     compact_elongation: float = 2.5,
     compact_min_ml: float = 0.02,
     compact_shell_hu: float = -650.0,
+    hilar_depth_mm: float = 30.0,
+    hilar_max_ml: float = 15.0,
+    hilar_band: tuple[float, float] = (0.25, 0.75),
 ) -> LesionFinding:
     """Find ground-glass (1) and consolidation (2) voxels by HU thresholds inside the lung.
 
@@ -245,7 +263,11 @@ def find_lesions_threshold(
        surrounded by aerated lung or they border pure gas) or **straight tubes** (principal standard deviations
        sd₃ ≥ ``tube_elongation``·sd₂ with sd₂ ≤ ``tube_max_sd_mm``: large vessels; not when the component encloses
        air in a slice, a bronchus inside consolidation) are dropped; so is a component whose inferior face rests on
-       tissue outside the mask for ≥ 90 % of it. Consolidation is kept within reach (``reach_mm`` in-plane,
+       tissue outside the mask for ≥ 90 % of it. **Hilar** components are dropped too (bronchi and central
+       vessels resting on the mediastinum): they touch the mediastinal border of the lung, lie ≥ 70 % within
+       ``hilar_depth_mm`` of it, have their centroid in the central ``hilar_band`` of the lung's craniocaudal and
+       anteroposterior extents and are at most ``hilar_max_ml`` (0 switches the rule off). Consolidation is kept
+       within reach (``reach_mm`` in-plane,
        ``reach_z_mm`` across slices, geodesic) of a core that holds a cylinder of ``thick_radius_mm`` (enclosed air
        counted in) or of a GGO core.
     5. **GGO** is kept within the same reach of a GGO core or of kept consolidation; dense voxels in gaps of the GGO
@@ -327,6 +349,9 @@ def find_lesions_threshold(
         "compact_elongation": float(compact_elongation),
         "compact_min_ml": float(compact_min_ml),
         "compact_shell_hu": float(compact_shell_hu),
+        "hilar_depth_mm": float(hilar_depth_mm),
+        "hilar_max_ml": float(hilar_max_ml),
+        "hilar_band": [float(v) for v in hilar_band],
         "connectivity": 26,
         "morphology": "2D per axial slice; cylinders (disk over several slices) for cores",
     }
@@ -408,7 +433,7 @@ def find_lesions_threshold(
     del ggo2
 
     # 4. consolidation: drop organ tissue and straight tubes, keep what is within reach of a broad core
-    dropped = {"organ": 0, "tube": 0}
+    dropped = {"organ": 0, "tube": 0, "hilar": 0}
     rejected = np.zeros_like(cons)
     # consolidation with its enclosed air (air bronchograms): holes of the consolidation in each slice
     filled = cons.copy()
@@ -440,9 +465,52 @@ def find_lesions_threshold(
         del lab_d, ring
         organ = ((inf_out >= float(organ_face_fraction)) & ((aer < 0.15) | (gas >= 0.03))) | (inf_out >= 0.9)
         tube = (sd[:, 2] >= float(tube_elongation) * sd[:, 1]) & (sd[:, 1] <= float(tube_max_sd_mm)) & ~hollow
-        bad = organ | tube
+        # hilar: the main and lobar bronchi (wall and enclosed lumen) and the pulmonary arteries and veins beside
+        # them enter the lung at the hilum as dense cross-sections several mm wide. They are neither thin nor a
+        # straight tube (and "hollow" like a bronchus inside consolidation), so the rules above keep them, and they
+        # form a compact dense blob resting on the mediastinum. A consolidation component is dropped as hilar when
+        # it touches the mediastinal border of the lung (``_mediastinum``), at least 70 % of it lies within
+        # ``hilar_depth_mm`` of that border, its centroid lies in the central ``hilar_band`` of both the lung's
+        # craniocaudal extent (the hila span roughly the carina to the inferior pulmonary veins) and its
+        # anteroposterior extent (this leaves out the paravertebral gutters, where dependent consolidation rests
+        # on the spine, and the anterior junction), and it is at most ``hilar_max_ml`` (hilar structures are a few
+        # mL; a lobar or perihilar consolidation is larger or reaches deeper into the lung). The rule uses only
+        # geometry that exists on any chest CT, no airway segmentation. Ground glass next to a dropped blob is
+        # then kept only by its own cores, as everywhere else.
+        hilar = np.zeros(n + 1, dtype=bool)
+        if float(hilar_depth_mm) > 0 and float(hilar_max_ml) > 0:
+            med = _mediastinum(lung)
+            zl = np.flatnonzero(lung.any(axis=(1, 2)))
+            if med.any() and zl.size:
+                near_med = np.zeros_like(cons)
+                depth = np.zeros(cons.shape, np.float32)
+                for z in np.flatnonzero(cons.any(axis=(1, 2)) & med.any(axis=(1, 2))):
+                    near_med[z] = ndi.binary_dilation(med[z], structure=_SQUARE3)
+                    depth[z] = ndi.distance_transform_edt(~med[z], sampling=sp[1:])
+                no_med = ~med.any(axis=(1, 2))
+                depth[no_med] = np.inf
+                touch = np.bincount(labels[near_med & cons], minlength=n + 1) > 0
+                shallow = np.bincount(labels[cons & (depth <= float(hilar_depth_mm))], minlength=n + 1)
+                idx = np.flatnonzero(labels)
+                zc = np.bincount(labels.ravel()[idx], idx // (labels.shape[1] * labels.shape[2]),
+                                 minlength=n + 1) / np.maximum(sizes, 1)
+                yl = np.flatnonzero(lung.any(axis=(0, 2)))
+                yc = np.bincount(labels.ravel()[idx], (idx // labels.shape[2]) % labels.shape[1],
+                                 minlength=n + 1) / np.maximum(sizes, 1)
+                del idx
+                frac_z = (zc - zl[0] + 0.5) / (zl[-1] - zl[0] + 1)
+                frac_y = (yc - yl[0] + 0.5) / (yl[-1] - yl[0] + 1)
+                lo, hi = float(hilar_band[0]), float(hilar_band[1])
+                hilar = (touch & (shallow >= 0.7 * sizes) & (sizes * voxel_ml <= float(hilar_max_ml))
+                         & (frac_z >= lo) & (frac_z <= hi) & (frac_y >= lo) & (frac_y <= hi))
+                del near_med, depth
+            del med
+        hilar[0] = False
+        hilar &= ~organ & ~tube
+        bad = organ | tube | hilar
         bad[0] = False
-        dropped = {"organ": int(organ[1:].sum()), "tube": int((tube & ~organ)[1:].sum())}
+        dropped = {"organ": int(organ[1:].sum()), "tube": int((tube & ~organ)[1:].sum()),
+                   "hilar": int(hilar[1:].sum())}
         rejected = bad[labels]
         cons &= ~rejected
         del labels

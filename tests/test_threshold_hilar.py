@@ -1,0 +1,80 @@
+"""Threshold baseline: hilar bronchus-and-vessel blobs are not lesions, peripheral lesions still are."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from pneumoct.quantify import find_lesions_threshold
+from pneumoct.types import LUNG_LEFT, LUNG_RIGHT
+
+SP = (2.5, 1.0, 1.0)
+
+
+def _chest(seed: int = 0):
+    """Body +40 HU, two ellipsoid lungs -850 HU with a soft-tissue mediastinum between them; at mid height in the
+    right lung a hilar blob resting on the mediastinum (a main bronchus, 8 mm lumen of air in a 5 mm +40 HU wall and
+    cuff, beside a 15 mm +40 HU pulmonary artery, 30 mm long) and, at the same height, a peripheral consolidation
+    sphere (r 9 mm) against nothing but aerated lung; Gaussian blur and noise."""
+    rng = np.random.default_rng(seed)
+    Z, Y, X = 40, 120, 160
+    zz, yy, xx = np.meshgrid(np.arange(Z) * SP[0], np.arange(Y) * SP[1], np.arange(X) * SP[2], indexing="ij")
+    cy, W = Y * SP[1] / 2, X * SP[2]
+    hu = np.full((Z, Y, X), -1000.0)
+    hu[((yy - cy) / (0.46 * Y)) ** 2 + ((xx - W / 2) / (0.48 * W)) ** 2 <= 1] = 40
+    inz = (zz >= 2 * SP[0]) & (zz <= (Z - 3) * SP[0])
+    lung = np.zeros((Z, Y, X), np.uint8)
+    lung[(((yy - cy) / (0.36 * Y)) ** 2 + ((xx - 0.27 * W) / (0.18 * W)) ** 2 <= 1) & inz] = LUNG_RIGHT
+    lung[(((yy - cy) / (0.36 * Y)) ** 2 + ((xx - 0.73 * W) / (0.18 * W)) ** 2 <= 1) & inz] = LUNG_LEFT
+    hu[lung > 0] = -850
+    medial_x = 0.45 * W  # medial edge of the right lung (mediastinum beyond)
+    zmid = Z * SP[0] / 2
+    inhil = np.abs(zz - zmid) <= 15.0
+    # main bronchus: centre 8 mm lateral of the mediastinum, lumen r 4 mm, wall and cuff to r 9 mm
+    rb = np.hypot(yy - (cy - 4.0), xx - (medial_x - 8.0))
+    wall = (rb <= 9.0) & (rb > 4.0) & inhil & (lung == LUNG_RIGHT)
+    lumen = (rb <= 4.0) & inhil & (lung == LUNG_RIGHT)
+    # pulmonary artery beside it, r 7.5 mm, touching the mediastinum
+    ra = np.hypot(yy - (cy + 11.0), xx - (medial_x - 7.0))
+    artery = (ra <= 7.5) & inhil & (lung == LUNG_RIGHT)
+    hu[wall | artery] = 40
+    hu[lumen] = -1000
+    hilar = (wall | artery) & (lung == LUNG_RIGHT)
+    # peripheral consolidation at the same height, lateral in the right lung
+    les = (np.sqrt((zz - zmid) ** 2 + (yy - cy) ** 2 + (xx - 0.16 * W) ** 2) <= 9.0) & (lung == LUNG_RIGHT)
+    hu[les] = 20
+    hu = ndi.gaussian_filter(hu, (0.3, 0.5, 0.5)) + rng.normal(0, 15, hu.shape)
+    return hu.astype(np.int16), lung, hilar, les
+
+
+def test_hilar_blob_dropped_peripheral_lesion_kept():
+    hu, lung, hilar, les = _chest()
+    f = find_lesions_threshold(hu, lung, SP)
+    found = f.mask > 0
+    assert np.mean(found[hilar]) < 0.1, "hilar bronchus + artery is not a lesion"
+    assert np.mean(found[les]) > 0.8, "peripheral consolidation is still found"
+    assert f.params["consolidation_components_dropped"]["hilar"] >= 1
+    json.dumps(f.params, allow_nan=False)
+
+
+def test_hilar_rule_is_what_drops_it():
+    """With the hilar rule switched off the same blob is marked (the test case really exercises the rule)."""
+    hu, lung, hilar, les = _chest()
+    off = find_lesions_threshold(hu, lung, SP, hilar_max_ml=0.0)
+    assert np.mean(off.mask[hilar] > 0) > 0.5
+    assert off.params["consolidation_components_dropped"]["hilar"] == 0
+
+
+def test_large_medial_consolidation_kept():
+    """A consolidation larger than ``hilar_max_ml`` that rests on the mediastinum (perihilar pneumonia) is kept."""
+    hu, lung, hilar, les = _chest(seed=1)
+    Z, Y, X = hu.shape
+    zz, yy, xx = np.meshgrid(np.arange(Z) * SP[0], np.arange(Y) * SP[1], np.arange(X) * SP[2], indexing="ij")
+    big = (np.sqrt(((zz - Z * SP[0] / 2) / 1.3) ** 2 + (yy - 0.5 * Y) ** 2 + (xx - 0.42 * X) ** 2) <= 20.0)
+    big &= lung == LUNG_RIGHT
+    assert big.sum() * np.prod(SP) / 1000 > 15.0
+    h = hu.astype(np.float64)
+    h[big] = 20 + np.random.default_rng(2).normal(0, 15, big.sum())
+    f = find_lesions_threshold(h.astype(np.int16), lung, SP)
+    assert np.mean(f.mask[big] > 0) > 0.8
