@@ -76,3 +76,20 @@ def test_slices_trace_back_to_the_dicom_files(cohort):
     assert len(result["slices"]) == len(by_uid)
     for s in result["slices"]:
         assert abs(by_uid[s["sop_instance_uid"]] - s["position_mm"]) < 1e-3
+
+
+
+def test_healthy_phantoms_at_demo_settings_are_ct0_and_healthy(tmp_path):
+    """Issue 9: without a size floor a healthy phantom got CT-1, zone score 5 and 23 "lesions". At the demo's
+    settings (256 px, 80 slices) healthy phantoms must be CT-0 with zone score 0 and a healthy headline. (The coarse
+    160 px / 6 mm phantom above still shows 10-40 mL of partial-volume vessel clusters to the threshold baseline:
+    docs/validation.md, limits.)"""
+    rows = synthesize_cohort(tmp_path / "c", 2, seed=7, labels=["healthy"], matrix=256, n_slices=80,
+                             formats=("nifti",))
+    for row in rows:
+        result = diagnose(tmp_path / "c" / row["case_id"] / "image.nii.gz", tmp_path / "o" / row["case_id"],
+                          DiagnoseOptions(write_report=False, write_masks=False))
+        sev = result["quantification"]["severity"]
+        assert sev["mosmed_grade"] == "CT-0" and sev["ctss_zones_total"] == 0, (row["case_id"], sev)
+        assert result["patient"]["label"] == "healthy", result["patient"]["headline"]
+        assert result["quantification"]["lesion_count"] == 0
