@@ -327,5 +327,9 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
 def _validation_text(patient: dict[str, Any]) -> str:
     v = (patient.get("model") or {}).get("validation")
     if isinstance(v, dict):
-        return "; ".join(f"{k}: {val}" for k, val in v.items())
+        def show(val: Any) -> str:
+            if isinstance(val, dict):
+                return ", ".join(f"{k} {_fmt(x)}" for k, x in val.items())
+            return _fmt(val)
+        return "; ".join(f"{k.replace('_', ' ')}: {show(val)}" for k, val in v.items())
     return str(v) if v else ""
