@@ -422,9 +422,13 @@ def install(selected: str, loso: dict) -> dict:
     from pneumoct.io import read_study
 
     model = None if selected == "threshold" else (V1 if selected == "seg_v1" else seg_v2(None))
-    studies = []
+    from pneumoct.fingerprint import dataset_fingerprint, hu_case_properties, write_fingerprint
+    from pneumoct.preprocess.lung_mask import segment_lungs
+
+    studies, cases = [], []
     for k in STUDIES:
         st = read_study(CTMD / "dicom" / STUDIES[k])
+        cases.append(hu_case_properties(st, segment_lungs(st).labels, "covid-ct-md", synthetic=False))
         m = analyse(st, selected, model)
         studies.append({"lesion_area_mm2": m["area"], "lung_area_mm2": m["lung_area"], "slice_mm": float(st.spacing[0]),
                         "slice_labels": slice_labels(k, st.shape[0])})
@@ -438,6 +442,8 @@ def install(selected: str, loso: dict) -> dict:
     tmp = d / "calibration.json.partial"
     tmp.write_text(json.dumps(cal, indent=1), encoding="utf-8")
     tmp.replace(d / "calibration.json")
+    # the data the headline calibration was fitted on: diagnose warns when a study falls outside it
+    write_fingerprint(dataset_fingerprint(cases, model={"key": "lesion_burden", "fitted_on": cal["fitted_on"]}), d)
     if selected == "seg_v2":
         print("note: install runs/lesion_seg_hybrid_cpu/best as weights/lesion_seg to match", flush=True)
     return {k: cal[k] for k in ("n_slabs", "n_positive_slabs", "n_slices")}

@@ -93,3 +93,11 @@ def test_healthy_phantoms_at_demo_settings_are_ct0_and_healthy(tmp_path):
         assert sev["mosmed_grade"] == "CT-0" and sev["ctss_zones_total"] == 0, (row["case_id"], sev)
         assert result["patient"]["label"] == "healthy", result["patient"]["headline"]
         assert result["quantification"]["lesion_count"] == 0
+
+
+def test_study_outside_the_headline_calibration_data_is_flagged(cohort):
+    """The headline calibration was fitted on 3 real DICOM studies (0.6-0.75 mm pixels, 2 mm slices, kernel D40s):
+    a coarse 160 px phantom with thick slices and a synthetic kernel falls outside that fingerprint."""
+    _, _, result = cohort["healthy"]
+    msgs = [w["message"] for w in result["input"]["warnings"] if w["code"] == "outside_training_fingerprint"]
+    assert any(m.startswith("headline calibration:") for m in msgs), result["input"]["warnings"]

@@ -56,6 +56,8 @@ def test_diagnose_headline_is_the_validated_method_and_agrees_with_the_measureme
         if p["label"] == "healthy" and in_lung >= 10:
             assert any(c["code"] == "headline_vs_lesion_volume" for c in p["consistency"])
         assert p["differential"]["category"] in ("typical", "indeterminate", "atypical", "negative")
+        # these studies are the calibration's own data: inside its fingerprint
+        assert not [w for w in r["input"]["warnings"] if w["message"].startswith("headline calibration:")]
     normal = diagnosed["healthy"]["quantification"]["severity"]
     assert normal["mosmed_grade"] == "CT-0" and normal["ctss_zones_total"] == 0
 

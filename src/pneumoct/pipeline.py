@@ -216,6 +216,17 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     warnings = [w.to_dict() for w in study.warnings]
     for w in (segmentation.get("fingerprint") or {}).get("warnings", []):
         warnings.append({"code": w["code"], "message": w["message"]})
+    if burden is not None:  # the headline calibration's data (3 real DICOM studies): is this study like them?
+        from .burden import BUNDLED_KEY
+        from .fingerprint import check_study, load_fingerprint
+        from .learned import bundled_weights_dir
+
+        try:
+            fp = load_fingerprint(Path(opts.weights_dir or bundled_weights_dir()) / BUNDLED_KEY)
+        except ValueError:
+            fp = None
+        for w in check_study(study, lungs.labels, fp, include_notes=False):
+            warnings.append({"code": w["code"], "message": "headline calibration: " + w["message"]})
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "pneumoct_version": __version__,
