@@ -32,8 +32,12 @@ _DISPLAY = {"healthy": "No pneumonia pattern", "covid19": "COVID-19 pattern", "o
 
 
 def _abnormal_of(block: dict | None) -> bool | None:
+    """A method's healthy-vs-abnormal call: its label (its abnormal score can pass 0.5 while "healthy" is still
+    the most probable single class)."""
     if not block:
         return None
+    if block.get("label"):
+        return block["label"] != "healthy"
     return bool(float(block.get("abnormal_probability", 0.0)) >= 0.5)
 
 
