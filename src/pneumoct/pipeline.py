@@ -389,15 +389,25 @@ def learned_patient_result(learned: LearnedOutput, rule_result: dict[str, Any]) 
 def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptions | None = None) -> dict[str, Any]:
     """Read ``input_path``, analyse it and write result.json, report.html, lung_mask.nii.gz, lesion_mask.nii.gz."""
     opts = options or DiagnoseOptions()
-    out_dir = Path(out_dir)
     timing: dict[str, float] = {}
     t_total = time.perf_counter()
     t = time.perf_counter()
     study = read_study(input_path)
     timing["read"] = time.perf_counter() - t
     log.info("read %s study: %d slices", study.source_format, study.shape[0])
-
     out = analyse_study(study, opts, timing)
+    return write_outputs(out, out_dir, report=opts.write_report, masks=opts.write_masks, timing=timing,
+                         t_start=t_total)
+
+
+def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = True, masks: bool = True,
+                  timing: dict[str, float] | None = None, t_start: float | None = None) -> dict[str, Any]:
+    """Write an analysed study's files into ``out_dir``: the masks (NIfTI, the study's geometry), report.html and,
+    last, result.json (a folder without it is not a finished result; an older one is removed first)."""
+    out_dir = Path(out_dir)
+    timing = dict(out.result.get("timing_s") or {}) if timing is None else timing
+    t_total = time.perf_counter() if t_start is None else t_start
+    study = out.study
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / "result.json"
     if stale.exists():  # a previous run's result must not sit beside this run's half-written files
@@ -405,19 +415,22 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
 
     t = time.perf_counter()
     written = []
-    if opts.write_masks:
+    if masks:
         write_volume(out_dir / "lung_mask.nii.gz", out.lung_labels, study)
         write_volume(out_dir / "lesion_mask.nii.gz", out.lesion_mask, study)
         written += ["lung_mask.nii.gz", "lesion_mask.nii.gz"]
     timing["write_masks"] = time.perf_counter() - t
-    if opts.write_report:
+    if report:
         t = time.perf_counter()
-        timing["total"] = time.perf_counter() - t_total  # provisional, for the report
+        if t_start is not None:
+            timing["total"] = time.perf_counter() - t_total  # provisional, for the report
+        out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
         html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned)
         write_text(out_dir / "report.html", html)
         written.append("report.html")
         timing["report"] = time.perf_counter() - t
-    timing["total"] = time.perf_counter() - t_total
+    if t_start is not None:
+        timing["total"] = time.perf_counter() - t_total
     out.result["outputs"] = written + ["result.json"]
     out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
     write_json(out_dir / "result.json", out.result)

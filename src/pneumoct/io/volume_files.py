@@ -100,6 +100,18 @@ def read_volume_file(path: Path, *, min_slices: int = 10) -> StudyVolume:
         ) from None
     if image.GetDimension() == 4:
         image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
+    study = study_from_image(image, label=label, fmt=fmt, source_name=path.name, min_slices=min_slices)
+    return study
+
+
+def study_from_image(image: sitk.Image, *, label: str = "image", fmt: str = "image", source_name: str = "",
+                     min_slices: int = 10) -> StudyVolume:
+    """A 3D SimpleITK image in HU (any orientation) -> a canonical :class:`StudyVolume` (int16), with the same checks
+    and warnings as a file. ``pneumoct.diagnose`` / ``pneumoct.lung_mask`` take images through this."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise PneumoctInputError("bad_image", f"expected a 3D single-channel CT image, got a {image.GetDimension()}D "
+                                 f"image with {image.GetNumberOfComponentsPerPixel()} component(s)")
+    size = tuple(int(v) for v in image.GetSize())
     warnings: list[InputWarning] = []
     original_code = _orientation_code(image.GetDirection())
     original_axis = _AXIS_NAMES.get(original_code[2:3], "oblique")
@@ -140,7 +152,7 @@ def read_volume_file(path: Path, *, min_slices: int = 10) -> StudyVolume:
     sx, sy, sz = (float(v) for v in oriented.GetSpacing())
     origin = np.asarray(oriented.GetOrigin(), dtype=float)
     slices = [
-        SliceInfo(index=k, position_mm=float((origin + k * sz * direction[:, 2])[2]), source=path.name)
+        SliceInfo(index=k, position_mm=float((origin + k * sz * direction[:, 2])[2]), source=source_name)
         for k in range(hu.shape[0])
     ]
     metadata: dict[str, Any] = {
