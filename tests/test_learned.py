@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,23 @@ def test_joint_mode_without_patient_model_gates_on_the_rule(tmp_path):
     assert g["classifier"].startswith("rule") and g["positive"] is False and not out.lesion_mask.any()
     with pytest.raises(ValueError):
         analyse_study(study, DiagnoseOptions(weights_dir=str(root), segment_when="sometimes"))
+
+
+def test_joint_mode_gate_uses_the_validated_burden_when_installed(tmp_path, weights):
+    """With the headline calibration installed the JCS gate is the calibrated lesion burden (real-data fitted), not
+    the phantom-trained patient network."""
+    import shutil
+
+    cal = Path(__file__).resolve().parents[1] / "src" / "pneumoct" / "weights" / "lesion_burden"
+    if not (cal / "calibration.json").is_file():
+        pytest.skip("no headline calibration in this checkout")
+    root = tmp_path / "w"
+    shutil.copytree(weights, root)
+    _all_lesion_weights(root)
+    shutil.copytree(cal, root / "lesion_burden")
+    study, _, _ = toy_chest()
+    out = analyse_study(study, DiagnoseOptions(weights_dir=str(root), lesions="learned", segment_when="positive",
+                                               write_report=False))
+    gate = out.result["segmentation"]["gate"]
+    assert gate["classifier"] == "lesion_burden on the threshold baseline"
+    assert gate["positive"] == (gate["abnormal_probability"] >= 0.5) == out.result["segmentation"]["ran"]

@@ -159,9 +159,3 @@ def _headline_text(out: dict) -> str:
         text += " — see the notes below: the outputs do not all agree"
     return text
 
-
-def slab_summary(burden: dict | None) -> list[dict[str, Any]]:
-    """Slabs for the report (z range, lesion mL, probability)."""
-    if not burden:
-        return []
-    return [{k: r.get(k) for k in ("z0", "z1", "lesion_ml", "probability")} for r in burden.get("slabs") or []]

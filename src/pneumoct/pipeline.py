@@ -110,7 +110,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if lesions_mode == "learned":
         gate = None
         if opts.segment_when == "positive":
-            gate = _classifier_gate(learned, threshold_finding, lungs.labels, study, opts)
+            gate = _classifier_gate(learned, threshold_finding, lungs.labels, study, opts, calibration,
+                                    threshold_area, lung_area)
             segmentation["gate"] = gate
         if gate is not None and not gate["positive"]:
             finding = _not_segmented(study, gate)
@@ -308,12 +309,20 @@ def _fingerprint_check(study: StudyVolume, lung_labels: np.ndarray, seg_finding)
 
 
 def _classifier_gate(learned: LearnedOutput, threshold_finding, lung_labels: np.ndarray, study: StudyVolume,
-                     opts: DiagnoseOptions) -> dict[str, Any]:
+                     opts: DiagnoseOptions, calibration: dict | None = None,
+                     threshold_area: np.ndarray | None = None, lung_area: np.ndarray | None = None) -> dict[str, Any]:
     """JCS joint diagnosis (Wu et al., Fig. 1): is the study positive for the classifier, so it gets segmented?
 
-    The classifier is the patient network when installed (abnormal = 1 - P(healthy)), else the explicit rule on
-    the threshold baseline's measurements."""
-    if learned.patient_probabilities is not None:
+    The classifier is the validated one when installed: the lesion burden of the threshold baseline's mask through
+    the headline calibration (docs/headline.md; fitted on real studies); else the patient network (abnormal =
+    1 - P(healthy); the bundled one is phantom-trained); else the explicit rule on the threshold measurements."""
+    if calibration is not None and threshold_area is not None and lung_area is not None:
+        from .burden import apply_calibration
+
+        abnormal = float(apply_calibration(calibration, threshold_area, lung_area,
+                                           float(study.spacing[0]))["abnormal_probability"])
+        source = "lesion_burden on the threshold baseline"
+    elif learned.patient_probabilities is not None:
         abnormal = 1.0 - float(learned.patient_probabilities[CLASS_NAMES.index("healthy")])
         source = "m3lung_patient"
     else:
