@@ -80,10 +80,10 @@ def test_slices_trace_back_to_the_dicom_files(cohort):
 
 
 def test_healthy_phantoms_at_demo_settings_are_ct0_and_healthy(tmp_path):
-    """Issue 9: without a size floor a healthy phantom got CT-1, zone score 5 and 23 "lesions". At the demo's
-    settings (256 px, 80 slices) healthy phantoms must be CT-0 with zone score 0 and a healthy headline. (The coarse
-    160 px / 6 mm phantom above still shows 10-40 mL of partial-volume vessel clusters to the threshold baseline:
-    docs/validation.md, limits.)"""
+    """Issue 9: without a size floor a healthy phantom got CT-1, zone score 5 and 23 "lesions". The demo's phantoms
+    (256 px, 80 slices, seed 7) must be CT-0 with zone score 0 and a healthy headline. A regression test, not a
+    held-out figure: seed 7 was used to design the hilar rule; on unseen seeds 2 of 6 healthy phantoms still grade
+    CT-1 (README, Measured), as does the coarse 160 px / 6 mm phantom above."""
     rows = synthesize_cohort(tmp_path / "c", 2, seed=7, labels=["healthy"], matrix=256, n_slices=80,
                              formats=("nifti",))
     for row in rows:
