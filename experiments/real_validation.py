@@ -329,7 +329,8 @@ def write_doc(res: dict) -> None:
           "| 2D lung finder for body-cropped exports (`segment_lungs_2d`) | `segment` on the 10 MedSeg validation "
           "images, seg_v1: Dice 0.018 (the old finder, run from git 3084c23 on the same images); COVID-19-CT-Seg 320: "
           "0.480 | 0.249; 0.471 (same model, same images) | yes |",
-          "| severity size floor 0.2 mL + noise floor (1 mL or 0.1 % of lung) | real normal study with seg_v1: CT-1, "
+          "| severity size floor 0.2 mL + noise floor (1 mL or 0.1 % of lung; set with this normal study in view) | "
+          "real normal study with seg_v1: CT-1, "
           "zone score 1; healthy 256 px phantoms seed 7: CT-1 | CT-0 / 0 on both (SYNTHETIC unseen seeds 11/23/31: 4 of 6 "
           "CT-0) | yes |",
           "| hybrid cases + weak negatives + intensity randomisation (seg_v2 vs seg_v1, held-out study) | slice AUC "
