@@ -125,7 +125,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                 finding = seg_finding
                 segmentation["ran"] = True
                 segmentation["timing_s"] = seg_finding.params.get("timing_s", {})
-                segmentation["fingerprint"] = _fingerprint_check(study, lungs.labels, seg_finding)
+                segmentation["fingerprint"] = _fingerprint_check(
+                    study, lungs.labels, (seg_finding.params.get("provenance") or {}).get("checkpoint"), "segmenter")
     segmentation["method"] = finding.method
     if finding is threshold_finding:
         timing["lesions"] = timing["threshold_lesions"]  # "lesions" = the time of the mask used, always present
@@ -219,14 +220,11 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         warnings.append({"code": w["code"], "message": w["message"]})
     if burden is not None:  # the headline calibration's data (3 real DICOM studies): is this study like them?
         from .burden import BUNDLED_KEY
-        from .fingerprint import check_study, load_fingerprint
         from .learned import bundled_weights_dir
 
-        try:
-            fp = load_fingerprint(Path(opts.weights_dir or bundled_weights_dir()) / BUNDLED_KEY)
-        except ValueError:
-            fp = None
-        for w in check_study(study, lungs.labels, fp, include_notes=False):
+        check = _fingerprint_check(study, lungs.labels, Path(opts.weights_dir or bundled_weights_dir()) / BUNDLED_KEY,
+                                   "headline calibration")
+        for w in check.get("warnings", []):
             warnings.append({"code": w["code"], "message": "headline calibration: " + w["message"]})
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -292,18 +290,18 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
                                  "lung_margin_px": margin, "provenance": prov})
 
 
-def _fingerprint_check(study: StudyVolume, lung_labels: np.ndarray, seg_finding) -> dict[str, Any]:
-    """Is the study inside the segmenter's training-data fingerprint (docs/fingerprint.md)? Warnings go to
+def _fingerprint_check(study: StudyVolume, lung_labels: np.ndarray, model_dir: str | Path | None,
+                       what: str) -> dict[str, Any]:
+    """Is the study inside the training-data fingerprint kept in ``model_dir`` (docs/fingerprint.md)? Warnings go to
     ``input.warnings``; study-independent notes (e.g. "trained on 8-bit images only") stay here."""
     from .fingerprint import check_study, fingerprint_notes, load_fingerprint
 
-    ckpt = (seg_finding.params.get("provenance") or {}).get("checkpoint")
     try:
-        fp = load_fingerprint(ckpt) if ckpt else None
+        fp = load_fingerprint(model_dir) if model_dir else None
     except ValueError as exc:
         return {"checked": False, "why": f"unreadable fingerprint: {exc}"}
     if not fp:
-        return {"checked": False, "why": "the segmenter has no fingerprint.json"}
+        return {"checked": False, "why": f"the {what} has no fingerprint.json"}
     warnings = check_study(study, lung_labels, fp, include_notes=False)
     return {"checked": True, "warnings": warnings, "notes": [n["message"] for n in fingerprint_notes(fp)]}
 
