@@ -78,3 +78,28 @@ def test_large_medial_consolidation_kept():
     h[big] = 20 + np.random.default_rng(2).normal(0, 15, big.sum())
     f = find_lesions_threshold(h.astype(np.int16), lung, SP)
     assert np.mean(f.mask[big] > 0) > 0.8
+
+
+def test_hilar_blob_reaching_lateral_is_dropped():
+    """The lobar bronchi and interlobar arteries reach 3-4 cm lateral of the mediastinum: a hilar blob resting on
+    the mediastinum and reaching 45 mm out (a third of it beyond 30 mm) is hilar at the default depth (40 mm), not
+    at 30 mm (the old setting, which left such a blob of a healthy phantom marked as consolidation)."""
+    hu, lung, hilar, les = _chest(seed=3)
+    Z, Y, X = hu.shape
+    zz, yy, xx = np.meshgrid(np.arange(Z) * SP[0], np.arange(Y) * SP[1], np.arange(X) * SP[2], indexing="ij")
+    W, cy = X * SP[2], Y * SP[1] / 2
+    medial_x = 0.55 * W  # medial edge of the left lung (no lesion there)
+    h = hu.astype(np.float64)
+    h[hilar] = -850 + np.random.default_rng(5).normal(0, 15, hilar.sum())
+    dx = np.clip(xx - medial_x, 0.0, None)  # mm lateral of the mediastinum; widens outward like a hilum
+    blob = ((np.abs(yy - cy) <= 3.0 + dx * 6.0 / 45.0) & (np.abs(zz - Z * SP[0] / 2) <= 8.0) & (dx <= 45.0)
+            & (lung == LUNG_LEFT))
+    assert blob.sum() * np.prod(SP) / 1000 < 15.0
+    h[blob] = 40 + np.random.default_rng(4).normal(0, 15, blob.sum())
+    h = h.astype(np.int16)
+    old = find_lesions_threshold(h, lung, SP, hilar_depth_mm=30.0)
+    assert np.mean(old.mask[blob] > 0) > 0.5, "the case must exercise the depth (kept at 30 mm)"
+    f = find_lesions_threshold(h, lung, SP)
+    assert np.mean(f.mask[blob] > 0) < 0.1
+    assert f.params["consolidation_components_dropped"]["hilar"] >= 1
+    assert np.mean(f.mask[les] > 0) > 0.8, "the peripheral consolidation is still found"
