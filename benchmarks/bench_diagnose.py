@@ -1,17 +1,26 @@
-"""End-to-end speed and peak memory of `pneumoct diagnose` on this machine.
+"""Whole-command speed and peak memory of `pneumoct diagnose` on this machine (issue 10).
 
-* the three real studies in ../shared/data/covid-ct-md (JPEG-Lossless DICOM): total time, decode time alone,
-  per-stage times, peak RSS — targets: <= 15 s each, <= 3 GB;
-* synthetic phantoms (pneumoct.synth, 512×512, NIfTI) with 100/300/500 slices: how time grows with slices.
+What a user waits for: ``python -m pneumoct diagnose STUDY --out DIR`` from process start to exit (result.json,
+report.html and both masks written), each run a fresh process, median of ``--repeats`` (default 3). Beside it:
 
-Each run is a fresh subprocess so peak RSS (ru_maxrss) is that study's alone.
-Writes benchmarks/results/diagnose.json. Usage: python benchmarks/bench_diagnose.py [--quick]
+* the bare SimpleITK read of the same study (``ImageSeriesReader`` / ``ReadImage`` in a fresh process, median) —
+  the issue's target is <= 6x that read and <= 8 s for ~150 slices;
+* the stage times ``result.json`` records (from the median run), and the peak RSS of the command's process;
+* synthetic 512x512 phantoms (pneumoct.synth, NIfTI) of 100 / 300 / 500 slices: how time and memory grow with the
+  slice count (least-squares slope in s per 100 slices); target 500 slices <= 25 s and <= 2.5 GB.
+
+Data: REAL = the three COVID-CT-MD studies in ../shared/data (JPEG-Lossless DICOM, 148-168 slices, 512x512);
+SYNTHETIC = phantoms. Writes benchmarks/results/diagnose.json.
+
+    python benchmarks/bench_diagnose.py [--quick] [--repeats N]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,61 +29,104 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CTMD = ROOT.parent / "shared" / "data" / "covid-ct-md" / "dicom"
+OUT = ROOT / "benchmarks" / "results" / "diagnose.json"
 
-_CHILD = r"""
-import json, resource, sys, time
-from pneumoct.io import read_study
-from pneumoct.pipeline import diagnose
-path, out = sys.argv[1], sys.argv[2]
-t = time.perf_counter(); study = read_study(path); decode = time.perf_counter() - t
-del study
-t = time.perf_counter(); result = diagnose(path, out); total = time.perf_counter() - t
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-print(json.dumps({"decode_s": round(decode, 3), "diagnose_total_s": round(total, 3), "stages_s": result["timing_s"],
-                  "peak_rss_mb": round(peak_mb, 1), "n_slices": result["volume"]["shape_zyx"][0],
-                  "label": result["patient"]["label"],
-                  "lung_volume_ml": result["quantification"]["lung_volume_ml"]["total"],
-                  "lesion_volume_ml": result["quantification"].get("lesion_volume_ml")}))
+_READ = r"""
+import sys, SimpleITK as sitk
+p = sys.argv[1]
+if p.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
+    img = sitk.ReadImage(p)
+else:
+    r = sitk.ImageSeriesReader(); r.SetFileNames(r.GetGDCMSeriesFileNames(p)); img = r.Execute()
+print(img.GetSize())
 """
 
 
-def run_child(path: str, out: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, path, out], capture_output=True, text=True, env=env)
+def _timed(cmd: list[str], env: dict) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MB of that process, exit code) of one fresh process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{' '.join(cmd[:4])}: exit {proc.returncode}: {err.strip().splitlines()[-1:]}")
+    return wall, usage.ru_maxrss / 1024.0, proc.returncode
+
+
+def bench_study(path: str, tmp: str, repeats: int, data: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    reads = [_timed([sys.executable, "-c", _READ, path], env)[0] for _ in range(repeats)]
+    runs = []
+    for i in range(repeats):
+        out = os.path.join(tmp, f"out_{Path(path).name}_{i}")
+        wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "diagnose", path, "--out", out], env)
+        res = json.loads(Path(out, "result.json").read_text())
+        files = {p.name for p in Path(out).iterdir()}
+        runs.append({"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res["timing_s"],
+                     "files": sorted(files), "n_slices": res["volume"]["shape_zyx"][0],
+                     "label": res["patient"]["label"],
+                     "lesion_volume_ml": res["quantification"].get("lesion_volume_ml")})
+    walls = [r["wall_s"] for r in runs]
+    med = runs[walls.index(statistics.median_low(walls))]
+    read_med = statistics.median(reads)
+    return {"data": data, "n_slices": med["n_slices"], "command_wall_s_median": statistics.median(walls),
+            "command_wall_s_runs": walls, "bare_sitk_read_s_median": round(read_med, 3),
+            "ratio_to_bare_read": round(statistics.median(walls) / read_med, 2),
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "stages_s_median_run": med["stages_s"],
+            "files": med["files"], "label": med["label"], "lesion_volume_ml": med["lesion_volume_ml"]}
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one real study, 100 slices only, 1 repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    repeats = 1 if a.quick else max(1, a.repeats)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version()},
-                     "date": time.strftime("%Y-%m-%d"), "real": {}, "synthetic_scaling": []}
+                     "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
+                     "what": "python -m pneumoct diagnose STUDY --out DIR, process start to exit, fresh process",
+                     "real": {}, "synthetic_scaling": []}
     with tempfile.TemporaryDirectory() as tmp:
         if CTMD.is_dir():
-            for case in ("covid-P001", "cap-cap001", "normal-normal001"):
-                r = run_child(str(CTMD / case), os.path.join(tmp, case))
-                r["data"] = f"real: covid-ct-md/{case} (JPEG-Lossless DICOM)"
+            cases = ("covid-P001",) if a.quick else ("covid-P001", "cap-cap001", "normal-normal001")
+            for case in cases:
+                r = bench_study(str(CTMD / case), tmp, repeats, f"REAL: covid-ct-md/{case} (JPEG-Lossless DICOM)")
                 results["real"][case] = r
-                print(case, json.dumps(r))
+                print(case, json.dumps({k: r[k] for k in ("n_slices", "command_wall_s_median",
+                                                          "bare_sitk_read_s_median", "peak_rss_mb_max")}))
         else:
             results["real"] = {"skipped": f"{CTMD} not found"}
-        from pneumoct.synth.phantom import PhantomConfig, generate_phantom
         from pneumoct.io.writers import write_volume
-        for n in ((100,) if quick else (100, 300, 500)):
+        from pneumoct.synth.phantom import PhantomConfig, generate_phantom
+
+        for n in ((100,) if a.quick else (100, 300, 500)):
             ph = generate_phantom(PhantomConfig(label="covid19", seed=5, matrix=512, n_slices=n))
             path = os.path.join(tmp, f"synth_{n}.nii.gz")
             write_volume(path, ph.study.hu, ph.study)
             del ph
-            r = run_child(path, os.path.join(tmp, f"out_{n}"))
-            r["data"] = f"synthetic phantom (pneumoct.synth) covid19, 512x512x{n}, NIfTI"
+            r = bench_study(path, tmp, 1 if n > 100 else repeats,
+                            f"SYNTHETIC: pneumoct.synth covid19 phantom, 512x512x{n}, NIfTI")
             results["synthetic_scaling"].append(r)
-            print(n, json.dumps(r))
-    out = ROOT / "benchmarks" / "results" / "diagnose.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+            print(n, json.dumps({k: r[k] for k in ("command_wall_s_median", "peak_rss_mb_max")}))
+    sc = results["synthetic_scaling"]
+    s = _slope([r["n_slices"] for r in sc], [r["command_wall_s_median"] for r in sc])
+    results["seconds_per_100_slices"] = None if s is None else round(100 * s, 3)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

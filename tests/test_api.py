@@ -59,3 +59,43 @@ def test_lung_mask_returns_labels_in_the_input_geometry(phantom):
             assert dice > 0.85, (k, dice)
     arr = pneumoct.lung_mask(pneumoct.api.as_study(img).hu, spacing=pneumoct.api.as_study(img).spacing)
     assert isinstance(arr, np.ndarray) and set(np.unique(arr)) <= {0, 1, 2}
+
+
+def test_diagnose_never_imports_training_code(phantom):
+    """Issue 10: checkpoint loading lives with the models; a diagnosis (bundled networks included) imports nothing
+    from pneumoct.train or pneumoct.evaluate (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pneumoct\n"
+            f"pneumoct.diagnose({str(phantom / 'image.nii.gz')!r})\n"
+            "bad = sorted(m for m in sys.modules if m.startswith(('pneumoct.train', 'pneumoct.evaluate')))\n"
+            "assert 'pneumoct.models.checkpoint' in sys.modules\n"
+            "print('imported:', bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-500:] + proc.stderr[-1500:]
+
+
+def test_segment_api_matches_the_command_and_keeps_the_geometry(phantom, tmp_path):
+    """pneumoct.segment: the same mask as `pneumoct segment` on the study (one code path), in the input's geometry
+    for a path, a reoriented SimpleITK image and an array."""
+    from pneumoct.segmentation import segment_path
+
+    path = phantom / "image.nii.gz"
+    segment_path(path, tmp_path / "cmd")
+    cmd = sitk.ReadImage(str(tmp_path / "cmd" / "lesion_mask.nii.gz"))
+    api = pneumoct.segment(path)
+    assert api.GetSize() == cmd.GetSize() and api.GetSpacing() == pytest.approx(cmd.GetSpacing())
+    assert np.array_equal(sitk.GetArrayFromImage(api), sitk.GetArrayFromImage(cmd))
+    img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "RAS")
+    m = pneumoct.segment(img)
+    assert m.GetSize() == img.GetSize() and m.GetDirection() == pytest.approx(img.GetDirection())
+    assert int(sitk.GetArrayFromImage(m).astype(bool).sum()) == int(sitk.GetArrayFromImage(cmd).astype(bool).sum())
+    from pneumoct.io import read_study
+
+    st = read_study(path)
+    arr = pneumoct.segment(st.hu, spacing=st.spacing, binary=True)
+    assert isinstance(arr, np.ndarray) and set(np.unique(arr)) <= {0, 1} and arr.sum() > 0
+    with pytest.raises(PneumoctInputError):
+        pneumoct.segment(path, segmenter=tmp_path / "missing")

@@ -1,15 +1,16 @@
 """pneumoct: explainable pneumonia screening from chest CT (research use only, not a medical device).
 
 Python API (``pneumoct.api``): ``pneumoct.diagnose(source)`` → a :class:`~pneumoct.api.Diagnosis`,
-``pneumoct.lung_mask(image)`` → labels in the image's geometry. Imported lazily so ``import pneumoct`` stays light.
+``pneumoct.lung_mask(image)`` → lung labels and ``pneumoct.segment(image)`` → the lesion mask, both in the image's
+geometry. Imported lazily so ``import pneumoct`` stays light.
 """
 __version__ = "0.1.0"
 
-__all__ = ["diagnose", "lung_mask", "Diagnosis", "__version__"]
+__all__ = ["diagnose", "lung_mask", "segment", "Diagnosis", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("diagnose", "lung_mask", "Diagnosis"):
+    if name in ("diagnose", "lung_mask", "segment", "Diagnosis"):
         from . import api
 
         return getattr(api, name)

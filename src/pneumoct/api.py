@@ -129,8 +129,52 @@ def lung_mask(image: Any, *, spacing: tuple[float, float, float] | None = None):
     labels = segment_lungs(study).labels.astype(np.uint8)
     if not isinstance(image, sitk.Image):
         return labels
-    out = _labels_image(labels, study)
     # back from the canonical (LPI) grid to the input's axis order, then the exact geometry of the input
+    return _to_input_geometry(_labels_image(labels, study), image)
+
+
+_SEGMENTERS: dict[str, Any] = {}
+
+
+def segment(source: Any, *, spacing: tuple[float, float, float] | None = None, segmenter: str | Path | None = None,
+            threshold: float = 0.5, binary: bool = False):
+    """Lesion mask (0 background, 1 ground-glass, 2 consolidation; 0/1 with ``binary``) of a HU study in the
+    input's own geometry, by the learned segmenter (bundled ``lesion_seg`` or the checkpoint folder
+    ``segmenter``) — the code of ``pneumoct segment`` on a study. A SimpleITK image or a path in → a SimpleITK
+    label image on the same grid; a canonical array (with ``spacing``) → an array. The segmenter is loaded once
+    per process and folder. 8-bit 2D images: ``pneumoct segment`` / :func:`pneumoct.segmentation.segment_path`."""
+    import SimpleITK as sitk
+
+    from .errors import PneumoctInputError
+    from .segmentation import load_segmenter, segment_study
+
+    key = str(Path(segmenter).resolve()) if segmenter is not None else ""
+    if key not in _SEGMENTERS:
+        seg = load_segmenter(segmenter)
+        if seg is None:
+            raise PneumoctInputError("no_model", "no lesion segmenter installed (weights/lesion_seg); pass segmenter=")
+        _SEGMENTERS[key] = seg
+    if isinstance(source, (str, Path)):
+        from .io import read_study
+
+        study = read_study(source)
+    else:
+        study = as_study(source, spacing)
+    if study.is_2d_image:
+        raise PneumoctInputError("bad_input", "pneumoct.segment takes a HU study; use pneumoct.segmentation."
+                                 "segment_path for 8-bit 2D images")
+    mask = segment_study(study, _SEGMENTERS[key], binary=binary, threshold=threshold)[0]
+    if isinstance(source, (str, Path)):
+        return _labels_image(mask, study)
+    if not isinstance(source, sitk.Image):
+        return mask
+    return _to_input_geometry(_labels_image(mask, study), source)
+
+
+def _to_input_geometry(out, image):
+    """A label image on the canonical (LPI) grid → the input image's axis order and exact geometry."""
+    import SimpleITK as sitk
+
     out = sitk.DICOMOrient(out, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()))
     out.CopyInformation(image)
     return out

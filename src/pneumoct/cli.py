@@ -19,24 +19,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may phone home
 
 
-def _safe_name(path: str, used: set[str]) -> str:
-    stem = Path(path.rstrip("/")).name
-    for suffix in (".nii.gz", ".zip", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "study"
-    name, k = stem, 1
-    while name in used:
-        k += 1
-        name = f"{stem}_{k}"
-    used.add(name)
-    return name
-
-
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .pipeline import DiagnoseOptions, diagnose
-    from .io.writers import write_json
+    from .pipeline import DiagnoseOptions, diagnose, diagnose_batch
 
     opts = DiagnoseOptions(peripheral_thickness_mm=args.peripheral_thickness_mm, write_report=not args.no_report,
                            use_learned_models=not getattr(args, "no_models", False),
@@ -52,22 +36,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         result = diagnose(args.inputs[0], out, opts)
         _print_summary(result, out)
         return EXIT_OK
-    # batch: every study in its own folder; a failure is recorded and the batch goes on
-    used: set[str] = set()
-    records = []
-    for path in args.inputs:
-        name = _safe_name(path, used)
-        try:
-            result = diagnose(path, out / name, opts)
-            records.append({"input": path, "output": name, "status": "ok", "label": result["patient"]["label"]})
-            _print_summary(result, out / name)
-        except PneumoctInputError as exc:
-            records.append({"input": path, "output": name, "status": "refused", "code": exc.code, "error": str(exc)})
-            print(f"error: {path}: {exc}", file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 - a batch must go on and record what failed
-            records.append({"input": path, "output": name, "status": "failed", "error": _one_line(exc)})
-            print(f"error: {path}: internal error: {_one_line(exc)}", file=sys.stderr)
-    write_json(out / "batch.json", {"studies": records})
+
+    def report(rec: dict, result: dict | None) -> None:
+        if result is not None:
+            _print_summary(result, out / rec["output"])
+        elif rec["status"] == "refused":
+            print(f"error: {rec['input']}: {rec['error']}", file=sys.stderr)
+        else:
+            print(f"error: {rec['input']}: internal error: {rec['error']}", file=sys.stderr)
+
+    records = diagnose_batch(args.inputs, out, opts, on_study=report)
     n_bad = sum(r["status"] != "ok" for r in records)
     print(f"batch: {len(records) - n_bad} ok, {n_bad} failed; summary in {out / 'batch.json'}")
     return EXIT_OK if n_bad == 0 else EXIT_INPUT

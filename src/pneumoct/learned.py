@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class BundledModel:
 
 @lru_cache(maxsize=4)
 def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
-    from .train.checkpoint import load_checkpoint  # torch only when a model is needed
+    from .models.checkpoint import load_checkpoint  # torch only when a model is needed
 
     out = []
     for key in MODEL_KEYS:
@@ -84,9 +84,26 @@ def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
     return tuple(out)
 
 
+_PREFETCH: dict[str, Any] = {}
+
+
+def prefetch_bundled_models(weights_dir: str | Path | None = None) -> None:
+    """Start importing torch and loading the bundled models in a background thread (issue 10: that takes ~1.5 s,
+    which then overlaps reading the study and finding the lungs). ``load_bundled_models`` waits for it."""
+    from .parallel import Background
+
+    key = str(Path(weights_dir) if weights_dir else bundled_weights_dir())
+    if key not in _PREFETCH:
+        _PREFETCH[key] = Background(_load_cached, key, name="pneumoct-models")
+
+
 def load_bundled_models(weights_dir: str | Path | None = None) -> dict[str, BundledModel]:
-    """The bundled models found (loaded once per process and folder)."""
-    return dict(_load_cached(str(Path(weights_dir) if weights_dir else bundled_weights_dir())))
+    """The bundled models found (loaded once per process and folder; a prefetch started earlier is waited for)."""
+    key = str(Path(weights_dir) if weights_dir else bundled_weights_dir())
+    bg = _PREFETCH.pop(key, None)
+    if bg is not None:
+        return dict(bg.result())
+    return dict(_load_cached(key))
 
 
 @dataclass
@@ -128,8 +145,8 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                        batch_size: int = 32, keep_maps: bool = True,
-                       threshold_area_mm2: np.ndarray | None = None,
-                       slice_probability: str = "area") -> LearnedOutput:
+                       threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None = None,
+                       slice_probability: str = "area", torch_threads: int | None = None) -> LearnedOutput:
     """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
 
     ``slice_probability`` decides what ``lesion_probability`` holds:
@@ -137,9 +154,29 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     logistic calibration stored with the lesion model (``meta.area_calibration``, fitted on the radiologist slice
     labels of the 3 real DICOM studies) — on those studies it ranks slices better than the network does on a
     study it never saw (docs/models.md); ``"model"``: the network's calibrated score. The network's own score is
-    always in ``lesion_probability_model`` and its CAM maps are always computed."""
+    always in ``lesion_probability_model`` and its CAM maps are always computed. ``threshold_area_mm2`` may be a
+    callable returning the areas (the threshold baseline running in another thread): it is called only after all
+    networks ran. ``torch_threads``: PyTorch's intra-op threads for this call (restored after): one when another
+    stage uses the other core, so the two do not fight over it."""
     if slice_probability not in ("area", "model"):
         raise ValueError("slice_probability must be 'area' or 'model'")
+    import torch
+
+    prev_threads = torch.get_num_threads()
+    if torch_threads is not None and torch_threads != prev_threads:
+        torch.set_num_threads(max(1, int(torch_threads)))
+    try:
+        return _run_learned_models(hu, lung_labels, models, batch_size=batch_size, keep_maps=keep_maps,
+                                   threshold_area_mm2=threshold_area_mm2, slice_probability=slice_probability)
+    finally:
+        if torch.get_num_threads() != prev_threads:
+            torch.set_num_threads(prev_threads)
+
+
+def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
+                        batch_size: int, keep_maps: bool,
+                        threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None,
+                        slice_probability: str) -> LearnedOutput:
     import torch
 
     out = LearnedOutput()
@@ -182,15 +219,13 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
             p_model = np.full(z_total, np.nan, np.float32)
             p_model[z_idx] = raw
             out.lesion_probability_model = p_model
-            p = np.full(z_total, np.nan, np.float32)
             area_cal = lesion.meta.get("area_calibration")
-            if slice_probability == "area" and area_cal and threshold_area_mm2 is not None:
-                p[z_idx] = area_probability(np.asarray(threshold_area_mm2, np.float64)[z_idx], area_cal)
-                out.lesion_probability_kind = "area"
-            else:
+            use_area = slice_probability == "area" and area_cal and threshold_area_mm2 is not None
+            if not use_area:
+                p = np.full(z_total, np.nan, np.float32)
                 p[z_idx] = calibrate(raw, lesion.meta.get("calibration"))
+                out.lesion_probability = p
                 out.lesion_probability_kind = "model"
-            out.lesion_probability = p
             if keep_maps:
                 cam = np.concatenate(cams)
                 out.cam_maps = {int(k): cam[i].astype(np.float16) for i, k in enumerate(z_idx)}
@@ -246,6 +281,12 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
                 out.patient_probabilities = torch.softmax(res["logits"], 1)[0].numpy().astype(np.float64)
                 out.provenance["m3lung_patient"] = patient.provenance()
                 out.timing["m3lung_patient"] = time.perf_counter() - t
+    if lesion is not None and use_area:  # last: the areas may still be computed by another thread
+        area = threshold_area_mm2() if callable(threshold_area_mm2) else threshold_area_mm2
+        p = np.full(z_total, np.nan, np.float32)
+        p[z_idx] = area_probability(np.asarray(area, np.float64)[z_idx], area_cal)
+        out.lesion_probability = p
+        out.lesion_probability_kind = "area"
     return out
 
 

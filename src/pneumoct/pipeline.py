@@ -17,7 +17,8 @@ from . import __version__
 from .errors import PneumoctInputError
 from .io import read_study
 from .io.writers import write_json, write_text, write_volume
-from .learned import LearnedOutput, load_bundled_models, run_learned_models
+from .learned import LearnedOutput, load_bundled_models, prefetch_bundled_models, run_learned_models
+from .parallel import Background, n_threads
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
 from .report.html import build_report
@@ -74,6 +75,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if opts.use_learned_models:
         from .burden import load_calibration
 
+        prefetch_bundled_models(opts.weights_dir)  # torch + weights load while the lungs are found
+
         calibration = load_calibration(opts.weights_dir)
         if opts.lesions is None and calibration is not None:
             # the headline calibration holds only for the mask it was fitted on
@@ -86,24 +89,33 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")
 
     # the threshold baseline always runs (cheap): its per-slice area feeds the calibrated slice probability, the
-    # gate's rule when no learned patient model is installed, and it is the fallback without a segmenter
-    t = time.perf_counter()
-    threshold_finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
-    timing["threshold_lesions"] = time.perf_counter() - t
-    threshold_area = per_slice_lesion_area_mm2(threshold_finding.mask, study.spacing)
+    # gate's rule when no learned patient model is installed, and it is the fallback without a segmenter. It runs
+    # in a second thread while the networks run in this one (SciPy and PyTorch release the GIL).
+    t_thr = time.perf_counter()
+
+    def threshold_stage():
+        finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+        timing["threshold_lesions"] = time.perf_counter() - t_thr
+        return finding, per_slice_lesion_area_mm2(finding.mask, study.spacing)
+
+    threshold_bg = Background(threshold_stage, name="pneumoct-threshold")
     lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
-    threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
     learned = LearnedOutput()
     if opts.use_learned_models:
         t = time.perf_counter()
         models = load_bundled_models(opts.weights_dir)
-        timing["load_models"] = time.perf_counter() - t
+        timing["load_models"] = time.perf_counter() - t  # the wait for the prefetch started before the lungs
         if models:
             t = time.perf_counter()
-            learned = run_learned_models(study.hu, lungs.labels, models, threshold_area_mm2=threshold_area,
-                                         slice_probability=opts.slice_probability)
+            # the threshold baseline holds one core meanwhile: the networks get the others
+            learned = run_learned_models(study.hu, lungs.labels, models,
+                                         threshold_area_mm2=lambda: threshold_bg.result()[1],
+                                         slice_probability=opts.slice_probability,
+                                         torch_threads=max(1, n_threads() - 1) if threshold_bg.running else None)
             timing["learned_models"] = time.perf_counter() - t
+    threshold_finding, threshold_area = threshold_bg.result()
+    threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
     finding = threshold_finding
     segmentation: dict[str, Any] = {"requested": lesions_mode, "segment_when": opts.segment_when, "ran": False}
@@ -405,6 +417,51 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
     out = analyse_study(study, opts, timing)
     return write_outputs(out, out_dir, report=opts.write_report, masks=opts.write_masks, timing=timing,
                          t_start=t_total)
+
+
+def batch_folder_name(path: str | Path, used: set[str]) -> str:
+    """A safe, unique output folder name for one study of a batch (its file or folder name, extensions off)."""
+    import re
+
+    stem = Path(str(path).rstrip("/")).name
+    for suffix in (".nii.gz", ".zip", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "study"
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return name
+
+
+def diagnose_batch(inputs: list[str | Path], out_dir: str | Path, options: DiagnoseOptions | None = None, *,
+                   on_study: Any = None) -> list[dict[str, Any]]:
+    """Diagnose several studies, each into ``out_dir/<name>``; a refused or failed study is recorded and the batch
+    goes on. The models are loaded once for the whole batch (cached per process). Writes ``out_dir/batch.json``
+    and returns its records; ``on_study(record, result_or_None)`` is called after each study."""
+    out_dir = Path(out_dir)
+    used: set[str] = set()
+    records = []
+    for path in inputs:
+        name = batch_folder_name(path, used)
+        result = None
+        try:
+            result = diagnose(path, out_dir / name, options)
+            rec = {"input": str(path), "output": name, "status": "ok", "label": result["patient"]["label"]}
+        except PneumoctInputError as exc:
+            rec = {"input": str(path), "output": name, "status": "refused", "code": exc.code, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a batch must go on and record what failed
+            rec = {"input": str(path), "output": name, "status": "failed",
+                   "error": " ".join(f"{type(exc).__name__}: {exc}".split())}
+        records.append(rec)
+        if on_study is not None:
+            on_study(rec, result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "batch.json", {"studies": records})
+    return records
 
 
 def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = True, masks: bool = True,

@@ -111,7 +111,7 @@ def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
 
     Returns None when no path is given and no bundled segmenter exists. A given path that is not a finished
     segmentation checkpoint is a :class:`PneumoctInputError`."""
-    from .train.checkpoint import load_checkpoint
+    from .models.checkpoint import load_checkpoint
 
     if path is None:
         from .learned import bundled_weights_dir
@@ -335,15 +335,16 @@ def _class_names(segmenter: Segmenter, binary: bool) -> dict[str, str]:
     return {"0": "background", str(LESION_GGO): "ggo", str(LESION_CONSOLIDATION): "consolidation"}
 
 
-def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, threshold: float) -> dict:
-    from .io import read_study
-    from .io.writers import write_volume
+def segment_study(study, segmenter: Segmenter, *, binary: bool = False, threshold: float = 0.5,
+                  timing: dict[str, float] | None = None):
+    """Lungs, then lesions inside them (lung limit ``DEFAULT_LUNG_MARGIN_MM``), for a HU study already read: the
+    one code path of ``pneumoct segment`` on a study and of ``pneumoct.segment``.
+
+    Returns ``(mask, lung_labels, SegmentationOutput, lung_margin_px)``; ``mask`` is (Z, Y, X) uint8 on the
+    study grid (0/1 when ``binary``)."""
     from .preprocess.lung_mask import segment_lungs
 
-    timing: dict[str, float] = {}
-    t = time.perf_counter()
-    study = read_study(src)
-    timing["read"] = time.perf_counter() - t
+    timing = {} if timing is None else timing
     t = time.perf_counter()
     lungs = segment_lungs(study).labels
     timing["lung_mask"] = time.perf_counter() - t
@@ -354,6 +355,18 @@ def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, 
     mask = seg.mask
     if binary:
         mask = (mask > 0).astype(np.uint8)
+    return mask, lungs, seg, margin
+
+
+def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, threshold: float) -> dict:
+    from .io import read_study
+    from .io.writers import write_volume
+
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
+    study = read_study(src)
+    timing["read"] = time.perf_counter() - t
+    mask, lungs, seg, margin = segment_study(study, segmenter, binary=binary, threshold=threshold, timing=timing)
     t = time.perf_counter()
     write_volume(out / MASK_NAME, mask, study)
     timing["write"] = time.perf_counter() - t

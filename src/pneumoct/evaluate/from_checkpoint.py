@@ -44,7 +44,7 @@ def _phantom_lvr(spec: dict) -> dict[str, float]:
 
 def predict_checkpoint(checkpoint: str | Path, data: str, level: str = "slice",
                        batch_size: int = 64) -> tuple[Predictions, str]:
-    from ..train.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
     from ..train.config import class_names_for
     from ..train.data import build_table
     from ..train.loop import prepare_table

@@ -47,7 +47,7 @@ def overlay_slice(hu_slice: np.ndarray, lung_slice: np.ndarray | None, lesion_sl
 
 def png_data_uri(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)  # fast encode; files ~20 % larger
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -1,21 +1,12 @@
-"""Checkpoints without pickle: weights in ``model.safetensors``, everything else in ``model.json``.
-
-    save_checkpoint(out_dir, model, "multiscale_cam_cpu", {"num_classes": 4}, meta={...})
-    model, info = load_checkpoint(out_dir, expected_name="multiscale_cam_cpu")
-
-``model.json`` holds ``format_version``, ``model_name`` and ``model_kwargs`` (the registry call that rebuilds the
-network), the parameter count, the SHA-256 of the safetensors file, every tensor's name and shape, and ``meta``
-(classes, input size, channels, windows, data provenance, whether the training data were synthetic ...).
-The JSON is written last (after an atomic rename of the weights), so a folder without ``model.json`` is never a
-usable checkpoint. Loading verifies the hash, the exact key set and every shape before ``load_state_dict``.
-
-Training state for ``--resume`` (:func:`save_training_state` / :func:`load_training_state`) follows the same rule:
-tensors (optimizer moments, torch RNG state) in ``state.safetensors``, the rest in ``state.json``.
+"""Training state for ``--resume`` without pickle: :func:`save_training_state` / :func:`load_training_state` keep
+tensors (optimizer moments, torch RNG state) in ``state.safetensors`` and the rest in ``state.json``, JSON last.
 Nothing here calls ``torch.load`` or unpickles anything.
+
+Model checkpoints (``model.safetensors`` + ``model.json``) live with the models, in
+:mod:`pneumoct.models.checkpoint` (inference never imports training code); they are re-exported here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,146 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import PneumoctInputError
+from ..models.checkpoint import (FORMAT_VERSION, INFO, WEIGHTS, _jsonable, _write_json_atomic, load_checkpoint,
+                                 read_checkpoint_info, save_checkpoint, sha256_file)
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_info", "sha256_file",
-           "save_training_state", "load_training_state", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT_VERSION", "WEIGHTS", "INFO", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
+           "sha256_file", "save_training_state", "load_training_state", "rng_state", "set_rng_state"]
 
-FORMAT_VERSION = 1
-WEIGHTS, INFO = "model.safetensors", "model.json"
 STATE_T, STATE_J = "state.safetensors", "state.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, model_name: str, model_kwargs: dict,
-                    meta: dict | None = None) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` into ``out_dir`` (atomically, JSON last). Returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = _state_tensors(model)
-    (out / INFO).unlink(missing_ok=True)  # a half-replaced checkpoint must not look complete
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "model_name": model_name})
-    digest = sha256_file(tmp)
-    os.replace(tmp, out / WEIGHTS)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "model_name": model_name,
-        "model_kwargs": _jsonable(dict(model_kwargs)),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "weights_file": WEIGHTS,
-        "sha256": digest,
-        "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "meta": _jsonable(dict(meta or {})),
-    }
-    _write_json_atomic(out / INFO, info)
-    return out
-
-
-def read_checkpoint_info(ckpt_dir: str | Path) -> dict:
-    d = Path(ckpt_dir)
-    if not (d / INFO).is_file():
-        raise PneumoctInputError("bad_checkpoint", f"{d}: no {INFO} (not a finished checkpoint)")
-    try:
-        info = json.loads((d / INFO).read_text())
-    except (OSError, ValueError) as exc:
-        raise PneumoctInputError("bad_checkpoint", f"{d / INFO}: unreadable JSON ({exc})") from None
-    for key in ("format_version", "model_name", "model_kwargs", "sha256", "tensors"):
-        if key not in info:
-            raise PneumoctInputError("bad_checkpoint", f"{d / INFO}: missing field {key!r}")
-    if int(info["format_version"]) > FORMAT_VERSION:
-        raise PneumoctInputError("bad_checkpoint", f"{d}: checkpoint format {info['format_version']} is newer "
-                                 f"than this pneumoct ({FORMAT_VERSION})")
-    return info
-
-
-def _mismatch_message(where: Path, expected: dict[str, tuple], got: dict[str, tuple]) -> str | None:
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shape = [f"{k} {list(got[k])} vs model {list(expected[k])}" for k in expected
-             if k in got and tuple(got[k]) != tuple(expected[k])]
-    if not (missing or unexpected or shape):
-        return None
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-    if shape:
-        parts.append(f"{len(shape)} with another shape (e.g. {'; '.join(shape[:3])})")
-    return f"{where}: weights do not fit the architecture: " + ", ".join(parts)
-
-
-def load_checkpoint(ckpt_dir: str | Path, expected_name: str | None = None, *, map_location: str = "cpu"):
-    """Rebuild the model from ``model.json`` via the registry, verify and load the weights. Returns
-    ``(model in eval mode, info dict)``. Every problem is a :class:`PneumoctInputError` with one clear line."""
-    from ..models import build_model, list_models
-
-    d = Path(ckpt_dir)
-    info = read_checkpoint_info(d)
-    name = info["model_name"]
-    if expected_name is not None and name != expected_name:
-        raise PneumoctInputError("bad_checkpoint", f"{d}: checkpoint holds {name!r}, expected {expected_name!r}")
-    if name not in list_models():
-        raise PneumoctInputError("bad_checkpoint", f"{d}: unknown model {name!r}")
-    wpath = d / info.get("weights_file", WEIGHTS)
-    if not wpath.is_file():
-        raise PneumoctInputError("bad_checkpoint", f"{d}: weights file {wpath.name} missing")
-    digest = sha256_file(wpath)
-    if digest != info["sha256"]:
-        raise PneumoctInputError("bad_checkpoint", f"{wpath}: SHA-256 mismatch (file changed or corrupt): "
-                                 f"{digest[:12]}... != {str(info['sha256'])[:12]}...")
-    try:
-        model = build_model(name, **info["model_kwargs"])
-    except (TypeError, ValueError) as exc:
-        raise PneumoctInputError("bad_checkpoint", f"{d}: cannot build {name!r} from model_kwargs: {exc}") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    declared = {k: tuple(v) for k, v in info["tensors"].items()}
-    msg = _mismatch_message(d / INFO, expected, declared)
-    if msg:
-        raise PneumoctInputError("bad_checkpoint", msg)
-    try:
-        tensors = load_file(str(wpath), device=map_location)
-    except Exception as exc:  # noqa: BLE001 - corrupt file: one line
-        raise PneumoctInputError("bad_checkpoint", f"{wpath}: unreadable safetensors ({exc})") from None
-    msg = _mismatch_message(wpath, expected, {k: tuple(v.shape) for k, v in tensors.items()})
-    if msg:
-        raise PneumoctInputError("bad_checkpoint", msg)
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    return model, info
 
 
 # ------------------------------------------------------------------------------------------------ training state

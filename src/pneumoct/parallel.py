@@ -1,0 +1,87 @@
+"""Threads for the CPU-bound stages (issue 10: a study in seconds on 2 cores).
+
+SciPy's ``ndimage`` filters, labelling and distance transforms, NumPy's large array operations and PyTorch's
+kernels release the GIL, so plain threads run them on several cores at once with no copy of the volume and no
+fork. Everything here keeps results identical to a serial run: work is split into independent pieces (slices,
+stages) whose outputs do not depend on the order they finish in.
+
+``PNEUMOCT_THREADS`` caps the number of worker threads (default: the CPUs this process may use, at most 8);
+``PNEUMOCT_THREADS=1`` runs everything serially.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def n_threads() -> int:
+    """Worker threads to use: ``PNEUMOCT_THREADS`` if set, else the CPUs available to this process (max 8)."""
+    env = os.environ.get("PNEUMOCT_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def chunks(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into at most ``parts`` contiguous, nearly equal, non-empty ranges."""
+    parts = max(1, min(int(parts), int(n)))
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(parts) if edges[i + 1] > edges[i]]
+
+
+def run_chunks(fn: Callable[[range], T], n: int, *, min_chunk: int = 8) -> list[T]:
+    """Call ``fn(r)`` for contiguous index ranges covering ``range(n)``, on ``n_threads()`` threads when ``n`` is
+    at least ``2 * min_chunk``; results in range order. ``fn`` must only write its own indices."""
+    workers = n_threads() if n >= 2 * min_chunk else 1
+    parts = chunks(n, workers)
+    if len(parts) <= 1:
+        return [fn(r) for r in parts]
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="pneumoct-slices") as pool:
+        return list(pool.map(fn, parts))
+
+
+def map_ordered(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``[fn(x) for x in items]`` on ``n_threads()`` threads (serial for one item or one thread)."""
+    workers = min(n_threads(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoct-map") as pool:
+        return list(pool.map(fn, items))
+
+
+class Background:
+    """Start ``fn(*args)`` in a daemon-like worker thread now; ``result()`` waits for it (re-raising its error).
+    With one thread configured it runs lazily, on the first ``result()`` call, in the caller's thread."""
+
+    def __init__(self, fn: Callable[..., T], *args: Any, name: str = "pneumoct-bg"):
+        self._fn, self._args = fn, args
+        self._future: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if n_threads() > 1:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+            self._future = self._pool.submit(fn, *args)
+            self._pool.shutdown(wait=False)
+
+    @property
+    def running(self) -> bool:
+        """True while the work runs in its own thread (False when serial, or once it finished)."""
+        return self._future is not None and self._pool is not None and not self._future.done()
+
+    def result(self) -> Any:
+        if self._future is None:
+            self._future = Future()
+            try:
+                self._future.set_result(self._fn(*self._args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                self._future.set_exception(exc)
+        return self._future.result()

@@ -1,0 +1,83 @@
+"""Issue 10: threads make `diagnose` faster on 2 cores and change nothing in its output."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumoct.parallel import Background, chunks, n_threads, run_chunks
+
+
+def test_chunks_cover_the_range_once_in_order():
+    for n in (0, 1, 5, 17, 150):
+        for parts in (1, 2, 3, 8):
+            got = [i for r in chunks(n, parts) for i in r]
+            assert got == list(range(n))
+            assert len(chunks(n, parts)) == min(max(parts, 1), n) if n else chunks(n, parts) == []
+
+
+def test_run_chunks_and_background(monkeypatch):
+    monkeypatch.setenv("PNEUMOCT_THREADS", "2")
+    assert n_threads() == 2
+    out = np.zeros(100, int)
+
+    def fill(r):
+        out[r.start:r.stop] = np.arange(r.start, r.stop) * 2
+        return r.start
+
+    starts = run_chunks(fill, 100, min_chunk=4)
+    assert starts == sorted(starts) and len(starts) == 2 and (out == np.arange(100) * 2).all()
+    bg = Background(lambda a, b: a + b, 2, 3)
+    assert bg.result() == 5
+    failing = Background(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result()
+    monkeypatch.setenv("PNEUMOCT_THREADS", "1")
+    lazy = Background(lambda: 7)
+    assert not lazy.running and lazy.result() == 7
+
+
+def test_convex_fill_matches_skimage_polygon():
+    from scipy.spatial import ConvexHull
+    from skimage.draw import polygon
+
+    from pneumoct.preprocess.lung_mask import _fill_convex_polygon
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pts = rng.integers(0, 90, (25, 2)).astype(float)
+        v = pts[ConvexHull(pts).vertices]
+        ref = np.zeros((90, 90), bool)
+        rr, cc = polygon(v[:, 0], v[:, 1], shape=ref.shape)
+        ref[rr, cc] = True
+        assert (ref == _fill_convex_polygon(v, ref.shape)).all()
+
+
+def _strip_timing(d):
+    if isinstance(d, dict):
+        return {k: _strip_timing(v) for k, v in d.items() if k not in ("timing_s", "timing", "decode_seconds")}
+    if isinstance(d, list):
+        return [_strip_timing(x) for x in d]
+    return d
+
+
+def test_threads_do_not_change_the_diagnosis(tmp_path, monkeypatch):
+    """The same phantom through the diagnose path serially (PNEUMOCT_THREADS=1) and on two threads: identical
+    lung and lesion masks and an identical result.json (timings aside), learned models included."""
+    from pneumoct.pipeline import DiagnoseOptions, analyse_study
+    from pneumoct.io import read_study
+    from pneumoct.synth import synthesize_cohort
+
+    rows = synthesize_cohort(tmp_path, 1, seed=3, labels=["cap"], matrix=256, n_slices=48, formats=("nifti",))
+    study = read_study(tmp_path / rows[0]["case_id"] / "image.nii.gz")
+    outs = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("PNEUMOCT_THREADS", threads)
+        outs[threads] = analyse_study(study, DiagnoseOptions(write_report=False, write_masks=False), {})
+    a, b = outs["1"], outs["2"]
+    assert a.lung_labels.any() and a.lesion_mask.any()
+    assert np.array_equal(a.lung_labels, b.lung_labels) and np.array_equal(a.lesion_mask, b.lesion_mask)
+    ja = json.loads(json.dumps(_strip_timing(a.result), default=str))
+    jb = json.loads(json.dumps(_strip_timing(b.result), default=str))
+    assert ja == jb
