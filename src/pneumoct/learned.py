@@ -70,7 +70,7 @@ class BundledModel:
 
 @lru_cache(maxsize=4)
 def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
-    from .models.checkpoint import load_checkpoint  # torch only when a model is needed
+    from .models.checkpoint import for_cpu_inference, load_checkpoint  # torch only when a model is needed
 
     out = []
     for key in MODEL_KEYS:
@@ -79,7 +79,7 @@ def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
             log.info("bundled model %s not found in %s", key, weights_dir)
             continue
         model, info = load_checkpoint(d)
-        model.eval()
+        model = for_cpu_inference(model)
         out.append((key, BundledModel(key=key, model=model, info=info, path=d)))
     return tuple(out)
 
@@ -179,6 +179,8 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
                         slice_probability: str) -> LearnedOutput:
     import torch
 
+    from .models.checkpoint import channels_last_input
+
     out = LearnedOutput()
     z_total = hu.shape[0]
     if not models:
@@ -211,7 +213,7 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
                 x_all = x_all.expand(-1, ch, -1, -1)
             probs, cams = [], []
             for b in _batches(len(x_all), batch_size):
-                res = lesion.model(x_all[b].contiguous())
+                res = lesion.model(channels_last_input(lesion.model, x_all[b]))
                 probs.append(torch.softmax(res["logits"], 1)[:, 1].numpy())
                 if keep_maps:
                     cams.append(_cam_from_output(res, x_all.shape[-2:]))
@@ -246,7 +248,7 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
                 x_all = torch.from_numpy(window_input(m3_hu, float(c), width))[:, None].expand(-1, ch, -1, -1)
                 cls_p, les_p, feats, maps = [], [], [], []
                 for b in _batches(len(x_all), batch_size):
-                    res = m3.model(x_all[b].contiguous())
+                    res = m3.model(channels_last_input(m3.model, x_all[b]))
                     cls_p.append(torch.softmax(res["class_logits"], 1).numpy())
                     if res.get("lesion_logits") is not None:
                         les_p.append(torch.softmax(res["lesion_logits"], 1)[:, 1].numpy())

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import PneumoctInputError
+from .parallel import run_chunks
 from .preprocess.slice_input import (
     LESION_MODEL_WINDOW,
     crop_slice,
@@ -111,7 +112,7 @@ def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
 
     Returns None when no path is given and no bundled segmenter exists. A given path that is not a finished
     segmentation checkpoint is a :class:`PneumoctInputError`."""
-    from .models.checkpoint import load_checkpoint
+    from .models.checkpoint import for_cpu_inference, load_checkpoint
 
     if path is None:
         from .learned import bundled_weights_dir
@@ -127,8 +128,7 @@ def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
     family = (info.get("meta") or {}).get("family")
     if family != "segmentation":
         raise PneumoctInputError("bad_checkpoint", f"{d}: not a segmentation model (meta.family = {family!r})")
-    model.eval()
-    return Segmenter(model=model, info=info, path=d)
+    return Segmenter(model=for_cpu_inference(model), info=info, path=d)
 
 
 def _lung_limit(lung2d: np.ndarray, margin_px: int) -> np.ndarray:
@@ -143,13 +143,15 @@ def _probabilities(segmenter: Segmenter, x: np.ndarray, batch_size: int) -> np.n
     K classes (softmax) otherwise."""
     import torch
 
+    from .models.checkpoint import channels_last_input
+
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
     if segmenter.channels > 1:
         xt = xt.expand(-1, segmenter.channels, -1, -1)
     out = []
     with torch.inference_mode():
         for s in range(0, len(xt), max(1, int(batch_size))):
-            res = segmenter.model(xt[s:s + batch_size].contiguous())
+            res = segmenter.model(channels_last_input(segmenter.model, xt[s:s + batch_size]))
             logits = res["logits"] if isinstance(res, dict) else res
             logits = logits.float()
             if logits.shape[-2:] != xt.shape[-2:]:
@@ -217,13 +219,17 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
     if probs.shape[1] == 2:
         crop_lesion = probs[:, 1]
     reaches = crop_lesion.reshape(len(probs), -1).max(1) >= threshold
-    for i, k in enumerate(z_idx):
-        if not reaches[i]:
-            continue
-        limit = _lung_limit(lung_labels[k], lung_margin_px)
-        m, p = _label_slice(probs[i], crops[k], limit, threshold)
-        mask[k] = m
-        prob[k] = p.astype(np.float16)
+    todo = [(i, int(k)) for i, k in enumerate(z_idx) if reaches[i]]
+
+    def map_back(r: range) -> None:  # slices are independent: threads split them (same result)
+        for j in r:
+            i, k = todo[j]
+            limit = _lung_limit(lung_labels[k], lung_margin_px)
+            m, p = _label_slice(probs[i], crops[k], limit, threshold)
+            mask[k] = m
+            prob[k] = p.astype(np.float16)
+
+    run_chunks(map_back, len(todo), min_chunk=4)
     timing["map_back"] = time.perf_counter() - t
     return SegmentationOutput(mask, prob, timing, z_idx)
 
@@ -286,6 +292,13 @@ def _stem(path: Path, used: set[str]) -> str:
     return name
 
 
+def _prepare_out(out: Path) -> None:
+    """The output folder, emptied of a previous run's files of ours — only once the model is loaded and the
+    input read, so a refused run loses nothing."""
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+
+
 def _clear_stale(out_dir: Path) -> None:
     """A rerun into the same folder must not leave the old ``segment.json`` looking like it describes new masks."""
     (out_dir / JSON_NAME).unlink(missing_ok=True)
@@ -305,19 +318,31 @@ def segment_path(input_path: str | Path, out_dir: str | Path, *, segmenter_path:
     if not 0.0 < float(threshold) < 1.0:
         raise PneumoctInputError("bad_argument", f"--threshold must be between 0 and 1, got {threshold}")
     if segmenter is None:
-        segmenter = load_segmenter(segmenter_path)
-    if segmenter is None:
-        raise PneumoctInputError("no_model", "no lesion segmentation model: none is bundled (weights/lesion_seg); "
-                                 "give one with --model CHECKPOINT_DIR")
+        if segmenter_path is None:
+            from .learned import bundled_weights_dir
+
+            if not (bundled_weights_dir() / BUNDLED_KEY / "model.json").is_file():
+                raise PneumoctInputError("no_model", "no lesion segmentation model: none is bundled "
+                                         "(weights/lesion_seg); give one with --model CHECKPOINT_DIR")
+        elif not Path(segmenter_path).exists():
+            raise PneumoctInputError("bad_checkpoint", f"{segmenter_path}: model folder does not exist")
+        # torch and the weights load in another thread while the study is read and its lungs found
+        from .parallel import Background
+
+        loading = Background(load_segmenter, segmenter_path, name="pneumoct-segmenter")
+        get_segmenter: Any = loading.result
+    else:
+        get_segmenter = lambda: segmenter  # noqa: E731
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out)
     is2d, images = _is_2d_input(src)
     if is2d:
-        result = _segment_images(images, out, segmenter, binary=binary, threshold=threshold)
+        seg = get_segmenter()
+        _prepare_out(out)
+        result = _segment_images(images, out, seg, binary=binary, threshold=threshold)
     else:
-        result = _segment_study(src, out, segmenter, binary=binary, threshold=threshold)
-    result["model"] = segmenter.provenance()
+        result = _segment_study(src, out, get_segmenter, binary=binary, threshold=threshold)
+        seg = get_segmenter()
+    result["model"] = seg.provenance()
     result["threshold"] = float(threshold)
     result["binary"] = bool(binary)
     result["timing"]["total"] = round(time.perf_counter() - t0, 3)
@@ -335,19 +360,24 @@ def _class_names(segmenter: Segmenter, binary: bool) -> dict[str, str]:
     return {"0": "background", str(LESION_GGO): "ggo", str(LESION_CONSOLIDATION): "consolidation"}
 
 
-def segment_study(study, segmenter: Segmenter, *, binary: bool = False, threshold: float = 0.5,
+def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, threshold: float = 0.5,
                   timing: dict[str, float] | None = None):
     """Lungs, then lesions inside them (lung limit ``DEFAULT_LUNG_MARGIN_MM``), for a HU study already read: the
     one code path of ``pneumoct segment`` on a study and of ``pneumoct.segment``.
 
     Returns ``(mask, lung_labels, SegmentationOutput, lung_margin_px)``; ``mask`` is (Z, Y, X) uint8 on the
-    study grid (0/1 when ``binary``)."""
+    study grid (0/1 when ``binary``). ``segmenter`` may be a callable returning it (still loading elsewhere: it is
+    waited for after the lungs)."""
     from .preprocess.lung_mask import segment_lungs
 
     timing = {} if timing is None else timing
     t = time.perf_counter()
     lungs = segment_lungs(study).labels
     timing["lung_mask"] = time.perf_counter() - t
+    if not isinstance(segmenter, Segmenter):
+        t = time.perf_counter()
+        segmenter = segmenter()
+        timing["wait_model"] = time.perf_counter() - t
     pixel_mm = float(min(study.spacing[1], study.spacing[2]))
     margin = max(1, int(round(DEFAULT_LUNG_MARGIN_MM / max(pixel_mm, 1e-3))))
     seg = segment_volume(study.hu, lungs, segmenter, threshold=threshold, lung_margin_px=margin)
@@ -358,7 +388,7 @@ def segment_study(study, segmenter: Segmenter, *, binary: bool = False, threshol
     return mask, lungs, seg, margin
 
 
-def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, threshold: float) -> dict:
+def _segment_study(src: Path, out: Path, get_segmenter: Any, *, binary: bool, threshold: float) -> dict:
     from .io import read_study
     from .io.writers import write_volume
 
@@ -366,7 +396,9 @@ def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, 
     t = time.perf_counter()
     study = read_study(src)
     timing["read"] = time.perf_counter() - t
-    mask, lungs, seg, margin = segment_study(study, segmenter, binary=binary, threshold=threshold, timing=timing)
+    mask, lungs, seg, margin = segment_study(study, get_segmenter, binary=binary, threshold=threshold, timing=timing)
+    segmenter = get_segmenter()
+    _prepare_out(out)
     t = time.perf_counter()
     write_volume(out / MASK_NAME, mask, study)
     timing["write"] = time.perf_counter() - t
@@ -374,15 +406,17 @@ def _segment_study(src: Path, out: Path, segmenter: Segmenter, *, binary: bool, 
     voxel_ml = float(np.prod(study.spacing)) / 1000.0
     run = set(int(k) for k in (seg.slices_run if seg.slices_run is not None else []))
     per_slice = []
+    # per-slice class counts in two vectorised passes (a bincount per slice converts every slice to int64)
+    n_ggo = np.count_nonzero(mask == LESION_GGO, axis=(1, 2))
+    n_any = np.count_nonzero(mask, axis=(1, 2))
     for k, info in enumerate(study.slices):
-        counts = np.bincount(mask[k].ravel(), minlength=3)
         entry = {"index": int(k), "position_mm": round(float(info.position_mm), 3), "segmented": k in run,
-                 "lesion_pixels": int(counts[1:].sum()), "lesion_area_mm2": round(float(counts[1:].sum()) * px_mm2, 2)}
+                 "lesion_pixels": int(n_any[k]), "lesion_area_mm2": round(float(n_any[k]) * px_mm2, 2)}
         if not binary and segmenter.num_classes > 1:
-            entry["ggo_area_mm2"] = round(float(counts[LESION_GGO]) * px_mm2, 2)
-            entry["consolidation_area_mm2"] = round(float(counts[LESION_CONSOLIDATION]) * px_mm2, 2)
+            entry["ggo_area_mm2"] = round(float(n_ggo[k]) * px_mm2, 2)
+            entry["consolidation_area_mm2"] = round(float(n_any[k] - n_ggo[k]) * px_mm2, 2)
         per_slice.append(entry)
-    counts = np.bincount(mask.ravel(), minlength=3)
+    counts = np.array([0, int(n_any.sum())], np.int64)
     return {
         "input": {"kind": "study", "format": study.source_format, "shape_zyx": list(study.shape),
                   "spacing_zyx_mm": [float(s) for s in study.spacing],

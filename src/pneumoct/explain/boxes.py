@@ -248,8 +248,10 @@ def boxes_from_saliency(
     idx = np.arange(1, n + 1)
     areas = ndi.sum_labels(np.ones_like(smooth), labels, idx)
     means = ndi.mean(smooth, labels, idx)
-    peaks = ndi.maximum(smooth, labels, idx)
     objs = ndi.find_objects(labels)
+    # per-component peak inside each component's box (ndi.maximum sorts the whole image: 40x slower)
+    peaks = np.array([float(smooth[sl][labels[sl] == k + 1].max()) if sl is not None else 0.0
+                      for k, sl in enumerate(objs)])
     boxes: list[Box] = []
     for k in range(n):
         if areas[k] < min_area_px or objs[k] is None:

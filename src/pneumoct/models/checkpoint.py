@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import PneumoctInputError
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS", "INFO", "save_checkpoint", "load_checkpoint", "read_checkpoint_info",
-           "sha256_file"]
+           "sha256_file", "for_cpu_inference", "channels_last_input"]
 
 FORMAT_VERSION = 1
 WEIGHTS, INFO = "model.safetensors", "model.json"
@@ -165,3 +165,21 @@ def load_checkpoint(ckpt_dir: str | Path, expected_name: str | None = None, *, m
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return model, info
+
+
+def for_cpu_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode, and channels-last memory for a network with 2D convolutions: on this project's CPUs the
+    bundled 2D networks run ~1.4x faster that way (benchmarks/RESULTS.md); outputs equal up to float rounding."""
+    model.eval()
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+        model._pneumoct_channels_last = True  # type: ignore[attr-defined]
+    return model
+
+
+def channels_last_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) laid out as the model prefers (see :func:`for_cpu_inference`)."""
+    if getattr(model, "_pneumoct_channels_last", False) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
