@@ -139,8 +139,24 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     out = np.empty_like(mask)
-    for z in range(mask.shape[0]):
-        out[z] = fill_holes_2d(mask[z]) if mask[z].any() else mask[z]
+
+    def fill(zs: range) -> None:
+        for z in zs:
+            out[z] = fill_holes_2d(mask[z]) if mask[z].any() else mask[z]
+
+    run_chunks(fill, mask.shape[0])
+    return out
+
+
+def _open_inplane(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Binary opening with an in-plane (1, h, w) structure, slabs of slices on several threads (the structure
+    has no extent along z, so slabs give exactly the whole-volume result)."""
+    out = np.empty_like(mask)
+
+    def op(zs: range) -> None:
+        out[zs.start:zs.stop] = ndi.binary_opening(mask[zs.start:zs.stop], structure=structure)
+
+    run_chunks(op, mask.shape[0])
     return out
 
 
@@ -148,7 +164,7 @@ def body_mask(work: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     """Body without table: largest 3D component above ``threshold_hu``, holes filled per slice."""
     dense = work > threshold_hu
     # a light in-plane opening detaches the table where it touches the back through a thin blanket
-    dense = ndi.binary_opening(dense, structure=np.ones((1, 3, 3), bool))
+    dense = _open_inplane(dense, np.ones((1, 3, 3), bool))
     body = _largest_component(dense, _STRUCT_6)
     return _fill_holes_per_slice(body)
 
@@ -693,13 +709,17 @@ def organ_dome_holes(body: np.ndarray, lung: np.ndarray, open_fraction: float = 
     """
     holes = np.zeros_like(lung)
     open_tissue = np.zeros_like(lung)
-    for z in range(lung.shape[0]):
-        if lung[z].any():
-            filled = fill_holes_2d(lung[z])
-            holes[z] = filled & ~lung[z] & body[z]
-            open_tissue[z] = body[z] & ~filled
-        else:
-            open_tissue[z] = body[z]
+
+    def per_slice(zs: range) -> None:
+        for z in zs:
+            if lung[z].any():
+                filled = fill_holes_2d(lung[z])
+                holes[z] = filled & ~lung[z] & body[z]
+                open_tissue[z] = body[z] & ~filled
+            else:
+                open_tissue[z] = body[z]
+
+    run_chunks(per_slice, lung.shape[0])
     lab, n = ndi.label(holes, structure=_STRUCT_6)
     if n == 0:
         return holes
