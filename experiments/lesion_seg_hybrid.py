@@ -38,7 +38,8 @@ def fold_config(fold: str) -> dict:
 
 def train(fold: str) -> Path:
     from pneumoct.train.config import parse_config
-    from pneumoct.train.run import is_complete, train_from_config
+    from pneumoct.train.entry import train_from_config
+    from pneumoct.train.run import is_complete
 
     out = run_dir(fold)
     if is_complete(out):

@@ -139,7 +139,7 @@ def test_manifest_table_and_run_hook(tmp_path):
     import yaml
 
     from pneumoct.train.config import parse_config
-    from pneumoct.train.run import store_fingerprint
+    from pneumoct.train.entry import store_fingerprint
 
     study, lung = tiny_study(0, nz=24, size=64)
     for name, arr in (("ct.nii.gz", study.hu), ("lung.nii.gz", lung)):

@@ -4,7 +4,7 @@ Python API (``pneumoct.api``): ``pneumoct.diagnose(source)`` → a :class:`~pneu
 ``pneumoct.lung_mask(image)`` → lung labels and ``pneumoct.segment(image)`` → the lesion mask, both in the image's
 geometry. Imported lazily so ``import pneumoct`` stays light.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["diagnose", "lung_mask", "segment", "Diagnosis", "__version__"]
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from ._version import __version__
 from .errors import PneumoctInputError
 from .types import CLASS_NAMES
 
@@ -131,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.run import train_from_config
+    from .train.entry import train_from_config
 
     metrics = train_from_config(args.config, args.out, resume=args.resume, progress=not args.no_progress,
                                 overrides=args.set)

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 
 logger = logging.getLogger("pneumoct.fingerprint")
 

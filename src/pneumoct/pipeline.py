@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .errors import PneumoctInputError
 from .io import read_study
 from .io.writers import write_json, write_text, write_volume

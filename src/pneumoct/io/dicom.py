@@ -38,7 +38,7 @@ from pydicom.uid import UID
 
 from ..errors import PneumoctInputError
 from ..types import InputWarning, SliceInfo, StudyVolume
-from . import check_hounsfield
+from .values import check_hounsfield
 
 logger = logging.getLogger("pneumoct.io")
 

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from ..errors import PneumoctInputError
 from ..types import InputWarning, SliceInfo, StudyVolume
-from . import check_hounsfield, suffix_of, to_int16
+from .values import check_hounsfield, suffix_of, to_int16
 
 logger = logging.getLogger("pneumoct.io")
 

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from .. import __version__
+from .._version import __version__
 from ..types import StudyVolume
 from .render import curve_svg, overlay_slice, png_data_uri
 

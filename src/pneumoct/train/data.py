@@ -24,8 +24,9 @@ import numpy as np
 
 from ..errors import PneumoctInputError
 from ..preprocess.slice_input import crop_slice, crop_volume_slices, grey_to_unit
-from ..types import CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, StudyVolume
-from .table import SliceTable
+from ..types import LUNG_LEFT, LUNG_RIGHT, StudyVolume
+from .ctmd import _CTMD_STUDIES, _ctmd_label_rows  # noqa: F401 - also used by experiments via this module
+from .table import SliceTable, _table, class_index  # noqa: F401 - class_index is part of this module's API
 
 logger = logging.getLogger("pneumoct.train")
 
@@ -61,43 +62,6 @@ _IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-
-
-def class_index(label: Any) -> int:
-    """A class name (``CLASS_NAMES``, case-insensitive) or index → index. Raises ``ValueError`` otherwise."""
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-        if 0 <= int(label) < len(CLASS_NAMES):
-            return int(label)
-        raise ValueError(f"class index {label} out of range 0..{len(CLASS_NAMES) - 1}")
-    s = str(label).strip().lower()
-    if s.lstrip("-").isdigit():
-        return class_index(int(s))
-    aliases = {"normal": "healthy", "covid": "covid19", "covid-19": "covid19", "h1n1": "other_viral",
-               "viral": "other_viral", "community-acquired pneumonia": "cap"}
-    s = aliases.get(s, s)
-    if s in CLASS_NAMES:
-        return CLASS_NAMES.index(s)
-    raise ValueError(f"unknown class {label!r}; choose from {', '.join(CLASS_NAMES)} or 0..{len(CLASS_NAMES) - 1}")
-
-
-def _table(images: list[np.ndarray], *, is_hu: bool, class_label: Sequence[int], lesion_label: Sequence[int],
-           masks: list[np.ndarray | None], patient_id: Sequence[str], patient_label: Sequence[int],
-           slice_index: Sequence[int], source: Sequence[str], size: int) -> SliceTable:
-    n = len(images)
-    if n == 0:
-        return SliceTable.empty(size)
-    has_mask = np.array([m is not None for m in masks], bool)
-    lm = np.zeros((n, size, size), np.uint8)
-    for i, m in enumerate(masks):
-        if m is not None:
-            lm[i] = m
-    return SliceTable(
-        images=np.stack(images).astype(np.float32), is_hu=np.full(n, bool(is_hu)),
-        class_label=np.asarray(class_label, np.int64), lesion_label=np.asarray(lesion_label, np.int64),
-        lesion_mask=lm, has_mask=has_mask, patient_id=np.asarray(patient_id, "<U64"),
-        patient_label=np.asarray(patient_label, np.int64), slice_index=np.asarray(slice_index, np.int64),
-        source=np.asarray(source, "<U32"),
-    )
 
 
 def _read_grey(path: Path) -> np.ndarray:
@@ -240,22 +204,6 @@ def table_from_phantom_cohort(cohort_dir: str | os.PathLike[str], size: int = DE
 
 
 # -- real public datasets --------------------------------------------------------------------------------------------
-
-#: covid-ct-md study folder → (class, row of Slice-level-labels in Index.csv or None = no labels, all 0)
-_CTMD_STUDIES = {
-    "covid": ("covid-P001", "covid19", "P001"),
-    "cap": ("cap-cap001", "cap", "cap001"),
-    "normal": ("normal-normal001", "healthy", None),
-}
-
-
-def _ctmd_label_rows(root: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(root / "Index.csv", newline="", encoding="utf-8") as fh:
-        for r in csv.DictReader(fh):
-            out[str(r["Folder/ID"]).strip()] = int(r["Label Index"])
-    return out
-
 
 def table_from_covid_ct_md(root: str | os.PathLike[str] = COVID_CT_MD_ROOT, size: int = DEFAULT_SIZE, *,
                            limit: int | None = None, studies: Sequence[str] = ("covid", "cap", "normal"),

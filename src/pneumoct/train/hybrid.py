@@ -187,7 +187,8 @@ def table_from_ctmd_hybrid(root: str | Path | None = None, size: int = 128, *, s
     from ..io import read_study
     from ..preprocess.lung_mask import segment_lungs
     from ..preprocess.slice_input import crop_slice
-    from .data import COVID_CT_MD_ROOT, _CTMD_STUDIES, _ctmd_label_rows, _table, class_index
+    from .ctmd import _CTMD_STUDIES, COVID_CT_MD_ROOT, _ctmd_label_rows
+    from .table import _table, class_index
 
     root = Path(root or COVID_CT_MD_ROOT)
     labels = np.load(root / "Slice-level-labels-updated-1.npy")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import __version__
+from .._version import __version__
 from ..errors import PneumoctInputError
 from .checkpoint import (load_checkpoint, load_training_state, rng_state, save_checkpoint,
                          save_training_state)

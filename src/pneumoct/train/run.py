@@ -12,7 +12,8 @@
       best/fingerprint.json  the training-data fingerprint (pneumoct.fingerprint), written after DONE by
                           train_from_config; a run without it still counts as finished
 
-:func:`train_from_config` is what the CLI calls.
+:func:`pneumoct.train.entry.train_from_config` is what the CLI calls (it imports the task modules; this module
+imports none of them).
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from typing import Any
 import yaml
 
 from ..errors import PneumoctInputError
-from .config import TrainConfig, config_to_dict, load_config
+from .config import TrainConfig, config_to_dict
 
-__all__ = ["RunFolder", "train_from_config", "store_fingerprint", "is_complete", "SYNTHETIC_SOURCES",
+__all__ = ["RunFolder", "is_complete", "SYNTHETIC_SOURCES",
            "is_synthetic_source", "synthetic_banner"]
 
 SYNTHETIC_SOURCES = ("phantom",)
@@ -183,43 +184,3 @@ def model_card(cfg: TrainConfig, data_summary: dict, metrics: dict, info: dict |
     return "\n".join(lines) + "\n"
 
 
-def train_from_config(config: str | Path | TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-                      progress: bool = True, overrides: list[str] | None = None) -> dict:
-    """Load a YAML config (with ``key=value`` overrides), train, return the final metrics dict."""
-    if isinstance(config, TrainConfig):
-        cfg = config
-        stem = cfg.name or cfg.model.name
-    else:
-        cfg = load_config(config, overrides)
-        stem = Path(config).stem
-    out = Path(out) if out is not None else Path("runs") / stem
-    if cfg.task == "segmentation":
-        from .segment import fit_segmentation
-
-        if resume:
-            raise PneumoctInputError("bad_argument", "the segmentation task does not resume; start a new run")
-        metrics = fit_segmentation(cfg, out, progress=progress)
-    elif cfg.task == "patient":
-        from .patient import fit_patient
-
-        metrics = fit_patient(cfg, out, resume=resume, progress=progress)
-    else:
-        from .loop import fit
-
-        metrics = fit(cfg, out, resume=resume, progress=progress)
-    store_fingerprint(cfg, out)
-    return metrics
-
-
-def store_fingerprint(cfg: TrainConfig, out: str | Path) -> Path | None:
-    """Write the training-data fingerprint beside a finished run's best checkpoint (``best/fingerprint.json``).
-    Never fails the run: a problem is logged and None returned."""
-    if not is_complete(out):
-        return None
-    try:
-        from ..fingerprint import write_run_fingerprint
-
-        return write_run_fingerprint(out, cfg)
-    except Exception as exc:  # the model is trained; a missing fingerprint must not lose it
-        logging.getLogger("pneumoct.train").warning("training-data fingerprint not written: %s", exc)
-        return None

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+
+from ..types import CLASS_NAMES
 
 __all__ = ["SliceTable"]
 
@@ -98,3 +101,43 @@ class SliceTable:
         out["by_lesion_label"] = {int(c): int((self.lesion_label == c).sum()) for c in np.unique(self.lesion_label)}
         out["with_mask"] = int(self.has_mask.sum())
         return out
+
+
+# -- building a table from rows (shared by every source in data.py and hybrid.py) ---------------------------------
+
+
+def class_index(label: Any) -> int:
+    """A class name (``CLASS_NAMES``, case-insensitive) or index → index. Raises ``ValueError`` otherwise."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= int(label) < len(CLASS_NAMES):
+            return int(label)
+        raise ValueError(f"class index {label} out of range 0..{len(CLASS_NAMES) - 1}")
+    s = str(label).strip().lower()
+    if s.lstrip("-").isdigit():
+        return class_index(int(s))
+    aliases = {"normal": "healthy", "covid": "covid19", "covid-19": "covid19", "h1n1": "other_viral",
+               "viral": "other_viral", "community-acquired pneumonia": "cap"}
+    s = aliases.get(s, s)
+    if s in CLASS_NAMES:
+        return CLASS_NAMES.index(s)
+    raise ValueError(f"unknown class {label!r}; choose from {', '.join(CLASS_NAMES)} or 0..{len(CLASS_NAMES) - 1}")
+
+
+def _table(images: list[np.ndarray], *, is_hu: bool, class_label: Sequence[int], lesion_label: Sequence[int],
+           masks: list[np.ndarray | None], patient_id: Sequence[str], patient_label: Sequence[int],
+           slice_index: Sequence[int], source: Sequence[str], size: int) -> SliceTable:
+    n = len(images)
+    if n == 0:
+        return SliceTable.empty(size)
+    has_mask = np.array([m is not None for m in masks], bool)
+    lm = np.zeros((n, size, size), np.uint8)
+    for i, m in enumerate(masks):
+        if m is not None:
+            lm[i] = m
+    return SliceTable(
+        images=np.stack(images).astype(np.float32), is_hu=np.full(n, bool(is_hu)),
+        class_label=np.asarray(class_label, np.int64), lesion_label=np.asarray(lesion_label, np.int64),
+        lesion_mask=lm, has_mask=has_mask, patient_id=np.asarray(patient_id, "<U64"),
+        patient_label=np.asarray(patient_label, np.int64), slice_index=np.asarray(slice_index, np.int64),
+        source=np.asarray(source, "<U32"),
+    )
