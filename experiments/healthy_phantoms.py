@@ -114,7 +114,11 @@ def write_doc(res: dict) -> None:
           "we have no real coarse study to prove it. `diagnose` warns that such a study is outside the headline "
           "calibration's data (pixel and slice spacing).",
           "- Every case here is warned as outside the calibration's data: the real studies have 2 mm slices, these "
-          "3.2–4.1 mm.", ""]
+          "3.2–4.1 mm.",
+          "- Re-run after the threshold baseline's working-grid rule changed for speed (issue 10: 0.75–0.79 mm "
+          "pixels now work on 2×2 blocks, as the lung mask does); the three real studies' masks did not change. "
+          "Two 512 px cases moved: 311/1 from 0 to 0.6 mL (below the 1 mL noise floor), abnormal probability "
+          "0.09 → 0.13; 317/0 abnormal probability 0.09 → 0.12 (still 0 mL).", ""]
     DOC.write_text("\n".join(L))
 
 
