@@ -81,3 +81,19 @@ def test_threads_do_not_change_the_diagnosis(tmp_path, monkeypatch):
     ja = json.loads(json.dumps(_strip_timing(a.result), default=str))
     jb = json.loads(json.dumps(_strip_timing(b.result), default=str))
     assert ja == jb
+
+
+def test_thread_budget_caps_this_thread_only(monkeypatch):
+    import threading
+
+    from pneumoct.parallel import thread_budget
+
+    monkeypatch.setenv("PNEUMOCT_THREADS", "4")
+    seen = {}
+    with thread_budget(1):
+        seen["inside"] = n_threads()
+        t = threading.Thread(target=lambda: seen.__setitem__("other", n_threads()))
+        t.start()
+        t.join()
+    seen["after"] = n_threads()
+    assert seen == {"inside": 1, "other": 4, "after": 4}

@@ -11,14 +11,41 @@ stages) whose outputs do not depend on the order they finish in.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
 
+_LOCAL = threading.local()
+
+
+class thread_budget:
+    """``with thread_budget(k):`` — code in this thread uses at most ``k`` worker threads (a stage that runs beside
+    another one, which holds the other cores)."""
+
+    def __init__(self, k: int):
+        self.k = max(1, int(k))
+
+    def __enter__(self) -> "thread_budget":
+        self._prev = getattr(_LOCAL, "budget", None)
+        _LOCAL.budget = self.k
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _LOCAL.budget = self._prev
+
+
 def n_threads() -> int:
-    """Worker threads to use: ``PNEUMOCT_THREADS`` if set, else the CPUs available to this process (max 8)."""
+    """Worker threads to use: ``PNEUMOCT_THREADS`` if set, else the CPUs available to this process (max 8); at most
+    the calling thread's :class:`thread_budget`."""
+    budget = getattr(_LOCAL, "budget", None)
+    n = _n_threads_configured()
+    return min(n, budget) if budget else n
+
+
+def _n_threads_configured() -> int:
     env = os.environ.get("PNEUMOCT_THREADS", "").strip()
     if env:
         try:

@@ -18,7 +18,7 @@ from .errors import PneumoctInputError
 from .io import read_study
 from .io.writers import write_json, write_text, write_volume
 from .learned import LearnedOutput, load_bundled_models, prefetch_bundled_models, run_learned_models
-from .parallel import Background, n_threads
+from .parallel import Background, n_threads, thread_budget
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
 from .report.html import build_report
@@ -94,7 +94,9 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     t_thr = time.perf_counter()
 
     def threshold_stage():
-        finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+        # beside the networks it keeps to one core (they get the others); alone it may use them all
+        with thread_budget(1 if opts.use_learned_models else n_threads()):
+            finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
         timing["threshold_lesions"] = time.perf_counter() - t_thr
         return finding, per_slice_lesion_area_mm2(finding.mask, study.spacing)
 
