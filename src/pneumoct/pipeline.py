@@ -423,20 +423,14 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
 
 def batch_folder_name(path: str | Path, used: set[str]) -> str:
     """A safe, unique output folder name for one study of a batch (its file or folder name, extensions off)."""
-    import re
+    from .io.writers import unique_safe_name
 
     stem = Path(str(path).rstrip("/")).name
     for suffix in (".nii.gz", ".zip", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or "study"
-    name, k = stem, 1
-    while name in used:
-        k += 1
-        name = f"{stem}_{k}"
-    used.add(name)
-    return name
+    return unique_safe_name(stem, used, "study")
 
 
 def diagnose_batch(inputs: list[str | Path], out_dir: str | Path, options: DiagnoseOptions | None = None, *,

@@ -15,7 +15,6 @@ pixel or two is kept. Slices with too little lung are not offered to the network
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,13 +282,9 @@ def _is_2d_input(path: Path) -> tuple[bool, list[Path]]:
 
 
 def _stem(path: Path, used: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
-    name, k = stem, 1
-    while name in used:
-        k += 1
-        name = f"{stem}_{k}"
-    used.add(name)
-    return name
+    from .io.writers import unique_safe_name
+
+    return unique_safe_name(path.stem, used, "image")
 
 
 def _prepare_out(out: Path) -> None:

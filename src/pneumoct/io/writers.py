@@ -62,3 +62,18 @@ def write_volume(path: str | os.PathLike[str], array: np.ndarray, study: StudyVo
     image = array_to_image(array, study)
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def unique_safe_name(stem: str, used: set[str], default: str) -> str:
+    """A file or folder name from ``stem`` with only ``A-Za-z0-9._-`` (``default`` if nothing is left), made unique
+    among ``used`` by ``_2``, ``_3`` ... suffixes; the name is added to ``used``."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem) or default
+    name, k = stem, 1
+    while name in used:
+        k += 1
+        name = f"{stem}_{k}"
+    used.add(name)
+    return name
+
