@@ -646,8 +646,10 @@ def test_inspect_input_decodes_no_pixels(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("pixels decoded")
 
-    monkeypatch.setattr(dicom, "_decode_pydicom", boom)
-    monkeypatch.setattr(dicom, "_decode_sitk", boom)
+    from pneumoct.io import dicom_decode  # where the decoders live (io/dicom.py re-exports them)
+
+    monkeypatch.setattr(dicom_decode, "_decode_pydicom", boom)
+    monkeypatch.setattr(dicom_decode, "_decode_sitk", boom)
     monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(boom))
     info = inspect_input(tmp_path / "s")
     assert info["format"] == "dicom" and info["refusal"] is None
