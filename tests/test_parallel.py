@@ -97,3 +97,16 @@ def test_thread_budget_caps_this_thread_only(monkeypatch):
         t.join()
     seen["after"] = n_threads()
     assert seen == {"inside": 1, "other": 4, "after": 4}
+
+
+def test_map_axis_equals_the_whole_array_result(monkeypatch):
+    from scipy import ndimage as ndi
+
+    from pneumoct.parallel import map_axis
+
+    monkeypatch.setenv("PNEUMOCT_THREADS", "2")
+    a = np.random.default_rng(1).random((40, 36, 30)) > 0.4
+    inplane = lambda m: ndi.binary_erosion(m, structure=np.ones((1, 3, 3), bool))  # noqa: E731
+    alongz = lambda m: ndi.maximum_filter1d(m.view(np.uint8), 5, axis=0).view(bool)  # noqa: E731
+    assert np.array_equal(map_axis(inplane, a), inplane(a))
+    assert np.array_equal(map_axis(alongz, a, axis=1), alongz(a))

@@ -204,14 +204,17 @@ def _aggregate_hu(cases: list[dict]) -> dict[str, Any]:
         "manufacturer_models": dict(Counter(str(c.get("manufacturer_model") or "unknown")
                                             for c in cases).most_common(12)),
     }
-    if with_hu:
-        per = [intensity_stats(c["sample"]) for c in with_hu]
-        out["lung_hu"] = intensity_stats(np.concatenate([c["sample"] for c in with_hu]))
-        out["lung_hu_per_case"] = {k: _spread([p[k] for p in per], 1) for k in ("p00_5", "p50", "p99_5", "mean")}
-    else:
-        out["lung_hu"] = None
-        out["lung_hu_per_case"] = None
+    out["lung_hu"], out["lung_hu_per_case"] = _pooled_and_per_case(with_hu)
     return out
+
+
+def _pooled_and_per_case(cases: list[dict]) -> tuple[dict | None, dict | None]:
+    """Intensity statistics of all cases' samples pooled, and the spread of each case's own statistics."""
+    if not cases:
+        return None, None
+    per = [intensity_stats(c["sample"]) for c in cases]
+    pooled = intensity_stats(np.concatenate([c["sample"] for c in cases]))
+    return pooled, {k: _spread([p[k] for p in per], 1) for k in ("p00_5", "p50", "p99_5", "mean")}
 
 
 def _aggregate_images(cases: list[dict], n_total: int | None = None) -> dict[str, Any]:
@@ -223,13 +226,7 @@ def _aggregate_images(cases: list[dict], n_total: int | None = None) -> dict[str
                    "columns": _spread([c["shape"][1] for c in cases], 1)},
         "units": "8-bit grey levels (windowed / contrast-enhanced export, no HU, no spacing)",
     }
-    if with_lung:
-        per = [intensity_stats(c["sample"]) for c in with_lung]
-        out["lung_grey"] = intensity_stats(np.concatenate([c["sample"] for c in with_lung]))
-        out["lung_grey_per_image"] = {k: _spread([p[k] for p in per], 1) for k in ("p00_5", "p50", "p99_5", "mean")}
-    else:
-        out["lung_grey"] = None
-        out["lung_grey_per_image"] = None
+    out["lung_grey"], out["lung_grey_per_image"] = _pooled_and_per_case(with_lung)
     return out
 
 

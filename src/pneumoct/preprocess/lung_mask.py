@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..parallel import run_chunks
+from ..parallel import map_axis, run_chunks
 from ..types import LUNG_LEFT, LUNG_RIGHT, StudyVolume
 
 log = logging.getLogger("pneumoct.preprocess.lung_mask")
@@ -148,23 +148,12 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _open_inplane(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    """Binary opening with an in-plane (1, h, w) structure, slabs of slices on several threads (the structure
-    has no extent along z, so slabs give exactly the whole-volume result)."""
-    out = np.empty_like(mask)
-
-    def op(zs: range) -> None:
-        out[zs.start:zs.stop] = ndi.binary_opening(mask[zs.start:zs.stop], structure=structure)
-
-    run_chunks(op, mask.shape[0])
-    return out
-
-
 def body_mask(work: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     """Body without table: largest 3D component above ``threshold_hu``, holes filled per slice."""
     dense = work > threshold_hu
     # a light in-plane opening detaches the table where it touches the back through a thin blanket
-    dense = _open_inplane(dense, np.ones((1, 3, 3), bool))
+    # in-plane structure: slabs of slices on threads give exactly the whole-volume result
+    dense = map_axis(lambda m: ndi.binary_opening(m, structure=np.ones((1, 3, 3), bool)), dense)
     body = _largest_component(dense, _STRUCT_6)
     return _fill_holes_per_slice(body)
 

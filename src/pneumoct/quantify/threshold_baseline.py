@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 
 from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO
 
-from ..parallel import run_chunks
+from ..parallel import map_axis, run_chunks
 
 METHOD = "threshold-baseline"
 
@@ -71,29 +71,6 @@ def inplane_disk(radius_mm: float, spacing_yx: Sequence[float]) -> np.ndarray:
     return (yy * sy) ** 2 + (xx * sx) ** 2 <= radius_mm**2 + 1e-9
 
 
-def _by_slabs(fn, arr: np.ndarray, out_dtype=None) -> np.ndarray:
-    """``fn`` applied to slabs of slices on several threads, for operations with no extent along z (in-plane
-    filters and morphology): the result equals ``fn(arr)`` exactly."""
-    out = np.empty(arr.shape, out_dtype or arr.dtype)
-
-    def run(zs: range) -> None:
-        out[zs.start:zs.stop] = fn(arr[zs.start:zs.stop])
-
-    run_chunks(run, arr.shape[0])
-    return out
-
-
-def _by_rows(fn, arr: np.ndarray) -> np.ndarray:
-    """``fn`` applied to blocks of rows (axis 1) on several threads, for filters along z only: equals ``fn(arr)``."""
-    out = np.empty_like(arr)
-
-    def run(ys: range) -> None:
-        out[:, ys.start:ys.stop] = fn(arr[:, ys.start:ys.stop])
-
-    run_chunks(run, arr.shape[1])
-    return out
-
-
 def _dilate_inplane(mask: np.ndarray, fp2d: np.ndarray) -> np.ndarray:
     """Per-slice binary dilation, computed only around each slice's occupied bounding box (fast on sparse masks)."""
     out = np.zeros_like(mask)
@@ -118,7 +95,7 @@ def _open_inplane(mask: np.ndarray, fp2d: np.ndarray) -> np.ndarray:
     """Per-slice binary opening with ``fp2d`` (erosion then dilation), clipped to ``mask``."""
     if fp2d.size == 1:
         return mask.copy()
-    eroded = _by_slabs(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask)  # early exit on sparse masks
+    eroded = map_axis(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask)  # early exit on sparse masks
     return _dilate_inplane(eroded, fp2d) & mask
 
 
@@ -138,7 +115,7 @@ def _close_inplane(mask: np.ndarray, fp2d: np.ndarray) -> np.ndarray:
     """Per-slice binary closing with ``fp2d``; the caller keeps a margin of at least the footprint radius."""
     if fp2d.size == 1:
         return mask.copy()
-    return _by_slabs(lambda m: ndi.binary_erosion(m, structure=fp2d[None], border_value=1),
+    return map_axis(lambda m: ndi.binary_erosion(m, structure=fp2d[None], border_value=1),
                      _dilate_inplane(mask, fp2d))
 
 
@@ -161,10 +138,10 @@ def _mediastinum(lung: np.ndarray) -> np.ndarray:
 
 def _erode_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
     """Binary erosion with a cylinder: the in-plane disk ``fp2d`` must fit in every slice z-k..z+k."""
-    e = _by_slabs(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask) if fp2d.size > 1 else mask.copy()
+    e = map_axis(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask) if fp2d.size > 1 else mask.copy()
     if k > 0 and e.any():
-        e = _by_rows(lambda a: ndi.minimum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
-                     e.view(np.uint8)).view(bool)
+        e = map_axis(lambda a: ndi.minimum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
+                     e.view(np.uint8), axis=1).view(bool)
     return e
 
 
@@ -172,8 +149,8 @@ def _dilate_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
     """Binary dilation with a cylinder (in-plane disk ``fp2d``, slices z-k..z+k)."""
     d = _dilate_inplane(mask, fp2d) if fp2d.size > 1 else mask.copy()
     if k > 0 and d.any():
-        d = _by_rows(lambda a: ndi.maximum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
-                     d.view(np.uint8)).view(bool)
+        d = map_axis(lambda a: ndi.maximum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
+                     d.view(np.uint8), axis=1).view(bool)
     return d
 
 
@@ -205,8 +182,8 @@ def _smooth_in_lung(h: np.ndarray, lung: np.ndarray, sigma_mm: float, sp: Sequen
         return np.where(lung, h, np.float32(-1000.0)).astype(np.float32)
     sig = (0.0, sigma_mm / sp[1], sigma_mm / sp[2])
     w = lung.astype(np.float32)
-    num = _by_slabs(lambda a: ndi.gaussian_filter(a, sig, truncate=2.5), h * w)  # sig[0] = 0: in-plane only
-    den = _by_slabs(lambda a: ndi.gaussian_filter(a, sig, truncate=2.5), w)
+    num = map_axis(lambda a: ndi.gaussian_filter(a, sig, truncate=2.5), h * w)  # sig[0] = 0: in-plane only
+    den = map_axis(lambda a: ndi.gaussian_filter(a, sig, truncate=2.5), w)
     return np.divide(num, den, out=np.full_like(num, -1000.0), where=lung)
 
 
@@ -444,14 +421,14 @@ def find_lesions_threshold(
     vessel = (dense & ~opened) | (cons_cand & ~cons) | (opened & (h > c_hi))
     if halo_px > 0 and vessel.any():
         kk = 2 * int(halo_px) + 1
-        halo = _by_slabs(lambda a: ndi.maximum_filter(a, size=(1, kk, kk)), vessel.view(np.uint8)).view(bool)
+        halo = map_axis(lambda a: ndi.maximum_filter(a, size=(1, kk, kk)), vessel.view(np.uint8)).view(bool)
     else:
         halo = vessel
     del cons_cand
     lung_ggo = np.zeros_like(lung)
     reg = _bbox_region(opened, (0, fp_pleura.shape[0] // 2 + 1, fp_pleura.shape[1] // 2 + 1))
     if reg is not None:
-        lung_ggo[reg] = (_by_slabs(lambda m: ndi.binary_erosion(m, structure=fp_pleura[None]), lung[reg])
+        lung_ggo[reg] = (map_axis(lambda m: ndi.binary_erosion(m, structure=fp_pleura[None]), lung[reg])
                          if fp_pleura.size > 1 else lung[reg])
     ggo = opened & (h >= g_lo) & (h < g_hi) & lung_ggo & ~halo
     n_edge = 0
