@@ -486,17 +486,22 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
         written += ["lung_mask.nii.gz", "lesion_mask.nii.gz"]
     else:
         timing["write_masks"] = 0.0
-    if report:
-        t = time.perf_counter()
-        if t_start is not None:
-            timing["total"] = time.perf_counter() - t_total  # provisional, for the report
-        out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
-        html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned)
-        write_text(out_dir / "report.html", html)
-        written.append("report.html")
-        timing["report"] = time.perf_counter() - t
-    if masks_bg is not None:
-        timing["write_masks"] = masks_bg.result()  # the masks are on disk (or their error raised) before result.json
+    try:
+        if report:
+            t = time.perf_counter()
+            if t_start is not None:
+                timing["total"] = time.perf_counter() - t_total  # provisional, for the report
+            out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
+            html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned)
+            write_text(out_dir / "report.html", html)
+            written.append("report.html")
+            timing["report"] = time.perf_counter() - t
+    finally:
+        # the masks are on disk (or their error raised) before result.json; if the report failed, the mask thread
+        # still finishes (or removes its partial file) before the error leaves this function
+        masks_done = masks_bg.result() if masks_bg is not None else None
+    if masks_done is not None:
+        timing["write_masks"] = masks_done
     if t_start is not None:
         timing["total"] = time.perf_counter() - t_total
     out.result["outputs"] = written + ["result.json"]
