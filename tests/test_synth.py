@@ -119,6 +119,30 @@ def test_lungs_plausible_volume_sides_and_density(seed):
     assert ph.lesion_volume_ratio == 0.0 and not ph.lesion_mask.any()
 
 
+@pytest.mark.parametrize("seed", [3, 8])
+def test_lung_never_encloses_a_mediastinal_structure(seed):
+    """The SVC, great vessels and hilar roots sit in mediastinal/hilar fat: no slice of the true lung mask may have
+    a hole (generator 1.0 drew the SVC of a narrow mediastinum in an island of lung, which a lung mask fills and the
+    lesion finder then took for consolidation). Intrapulmonary vessels are painted over the lung, not cut from it.
+    Slices from the diaphragm domes down are left out: a dome's top cut by a slice is a real island in the lung."""
+    ph = phantom("healthy", seed=seed)
+    lung = ph.lung_mask > 0
+    dome = min(ph.anatomy["slice_of"]["right_dome"], ph.anatomy["slice_of"]["left_dome"])
+    assert dome > lung.shape[0] // 2
+    for z in range(dome - 1):
+        holes = ndi.binary_fill_holes(lung[z]) & ~lung[z]
+        assert holes.sum() <= 2, (z, int(holes.sum()))  # a partial-volume pixel at most
+
+
+@pytest.mark.parametrize("matrix", [112, 256])
+def test_kernel_blur_is_set_in_mm_not_pixels(matrix):
+    """A reconstruction kernel blurs by a fixed width in mm; generator 1.0 drew it in pixels, so a 256 matrix got a
+    1.5 mm Gaussian that turned small bronchovascular bundles into ground-glass-like blobs."""
+    ph = phantom("healthy", seed=5, matrix=matrix)
+    sigma_mm = ph.anatomy["blur_px"] * ph.study.spacing[1]
+    assert 0.39 <= sigma_mm <= 0.73, sigma_mm
+
+
 def test_hu_ranges_air_padding_body_bone():
     ph = phantom("healthy")
     hu = ph.study.hu

@@ -95,7 +95,9 @@ class _Anatomy:
         self.hu_liver = u(48.0, 65.0)
         self.hu_muscle = u(38.0, 52.0)
         self.hu_fat = u(-110.0, -85.0)
-        self.blur_px = u(0.55, 1.0)
+        # reconstruction-kernel blur is a property of the kernel in mm, not of the matrix: sigma 0.40-0.72 mm
+        # (soft to standard kernels); in pixels it shrinks on a coarse matrix, where the pixel box already blurs
+        self.blur_px = u(0.55, 1.0) * 0.72 / geom.ps
 
     # --- body profile (patient frame) ---
     def a(self, zz: float) -> float:
@@ -406,4 +408,31 @@ def _lung_slice(an: _Anatomy, gr: _Grids, geom: _Geom, zz: float, medtube: np.nd
         zd = _diaphragm_z(an, gr, zz)
         f *= np.clip(0.5 - (zz - zd) / np.float32(max(geom.dz, ps)), 0.0, 1.0)
     f *= 1.0 - medtube.astype(np.float32) * np.float32(1.0 / 255.0)
+    _close_toward_midline(f, medtube, X, ps)
     return f
+
+
+def _close_toward_midline(f: np.ndarray, medtube: np.ndarray, X: np.ndarray, ps: float, fillet_mm: float = 12.0) -> None:
+    """Mediastinal tubes (SVC, great vessels, pulmonary artery and vein roots, main bronchi) lie in mediastinal and
+    hilar fat: the lung borders them laterally and never wraps round their medial side. Without this a tube that
+    leaves the mediastinal ellipses (the SVC on a narrow mediastinum) sat in an island of lung, which no real chest
+    shows and which a lung mask rightly fills. Per image row, lung between the midline and the most lateral tube
+    pixel is removed, with a 45° fat fillet of up to ``fillet_mm`` above and below the tube (the mediastinal contour
+    is smooth; a vessel bulging from a thin strip would leave a notch that a lung mask's closing fills)."""
+    mt = medtube >= 128
+    if not mt.any():
+        return
+    K = int(fillet_mm / ps)
+    off = np.abs(np.arange(-K, K + 1)) * np.float32(ps)
+    for sel, sign in ((mt & (X < 1.0), 1.0), (mt & (X >= 1.0), -1.0)):
+        if not sel.any():
+            continue
+        # distance of the tube's lateral edge from the midline, per row (-inf where the row holds no tube)
+        reach = np.where(sel, sign * (1.0 - X), -np.inf).max(axis=1)
+        pad = np.concatenate([np.full(K, -np.inf), reach, np.full(K, -np.inf)])
+        win = np.lib.stride_tricks.sliding_window_view(pad, 2 * K + 1)
+        reach = (win - off[None, :]).max(axis=1)
+        rows = np.flatnonzero(reach > 0)
+        d = sign * (1.0 - X[rows])  # distance from the midline toward this side
+        cut = (d >= 0) & (d <= reach[rows, None])
+        f[rows] = np.where(cut, np.float32(0.0), f[rows])

@@ -38,7 +38,9 @@ from .lesion_shapes import _LesionCanvas
 from .render import HU_MAX, HU_MIN, _kernel_noise_norm, _paint_slice  # noqa: F401  (HU_MIN/HU_MAX re-exported)
 from .trees import _offset_tree, _raster_tubes, _tree
 
-GENERATOR_VERSION = "pneumoct.synth 1.0"
+# 1.1: kernel blur in mm (not pixels) and mediastinal tubes attached to the mediastinum (no lung islands round the
+# SVC, hila in hilar fat); 1.0 phantoms trained the bundled weights (their fingerprints say so)
+GENERATOR_VERSION = "pneumoct.synth 1.1"
 DATA_SOURCE = "synthetic phantom (pneumoct.synth)"
 
 #: slice spacings (mm) a drawn geometry picks from, with their weights (thin reconstructions are most common)
