@@ -62,7 +62,7 @@ def test_run_learned_models_shapes_and_nan_outside_lungs(weights):
     k = int(np.flatnonzero(has_lung)[len(np.flatnonzero(has_lung)) // 2])
     cam = out.slice_map("cam", k)
     assert cam.shape == study.hu.shape[1:]
-    box = out.crops[k].box
+    box = out.inputs.crop(k).box
     outside = np.ones_like(cam, bool)
     outside[box[0]:box[1], box[2]:box[3]] = False
     assert cam[outside].max() == 0 and cam.max() > 0
@@ -84,6 +84,10 @@ def test_diagnose_uses_models_and_keeps_rule(weights, tmp_path):
     assert set(on_disk["patient"]["probabilities"]) == set(CLASS_NAMES)
     learned = on_disk["models"]["learned"]
     assert learned["lesion_presence"]["data_kind"] == "real" and len(learned["m3lung_slice"]["sha256"]) == 64
+    # one recorded 2D input chain for the run: every 2D model's input is listed in it
+    chain = on_disk["models"]["slice_input_chain"]
+    assert [s["step"] for s in chain] == ["lung_box", "crop_resize", "window"]
+    assert {w["model"] for w in chain[2]["inputs"]} == {"lesion_presence", "m3lung_slice"}
     slices = on_disk["slices"]
     with_lung = [s for s in slices if s.get("lung_in_slice")]
     assert with_lung and all(0.0 <= s["lesion_probability"] <= 1.0 for s in slices)

@@ -40,3 +40,36 @@ def test_window_and_harmonise():
     assert harmonise(dark, "none") is dark
     with pytest.raises(ValueError):
         harmonise(dark, "gamma")
+
+
+def test_slice_inputs_chain_matches_crop_slice_and_inverts():
+    """SliceInputs (one chain per study, shared by every 2D model) crops exactly as crop_slice (the training
+    path), caches per size, maps back as map_back_to_slice, and records what it ran."""
+    from pneumoct.preprocess.slice_input import SliceInputs, map_back_to_slice, window_input
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-700, 200, (5, 60, 80)).astype(np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[1:4, 10:50, 12:70] = True
+    lung[2, :, :] = False  # a slice without lung
+    inp = SliceInputs(hu, lung)
+    assert list(inp.z) == [1, 3]
+    c48 = inp.crops(48)
+    assert inp.crops(48) is c48  # cached
+    for i, k in enumerate(inp.z):
+        ref = crop_slice(hu[k], lung[k], 48)
+        np.testing.assert_array_equal(c48[i], ref.image)
+        assert inp.crop(k).box == ref.box
+        m = rng.random((48, 48)).astype(np.float32)
+        np.testing.assert_array_equal(inp.invert(m, k), map_back_to_slice(m, ref))
+    assert inp.crop(2) is None
+    with pytest.raises(ValueError):
+        inp.invert(np.zeros((48, 48), np.float32), 2)
+    x = inp.inputs(48, -600.0, 1200.0, model="a")
+    np.testing.assert_array_equal(x, window_input(c48, -600.0, 1200.0))
+    inp.inputs(32, -700.0, 1200.0, "clahe", model="b")
+    rec = inp.record()
+    assert [s["step"] for s in rec] == ["lung_box", "crop_resize", "window"]
+    assert rec[1]["sizes"] == [32, 48] and rec[0]["slices_with_crop"] == 2
+    assert [(w["model"], w["size"], w["input_transform"]) for w in rec[2]["inputs"]] == [("a", 48, "none"),
+                                                                                         ("b", 32, "clahe")]

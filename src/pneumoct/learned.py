@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .preprocess.slice_input import SliceCrop, crop_slice, crop_volume_slices, map_back_to_slice, window_input
+from .preprocess.slice_input import SliceInputs
 from .preprocess.windowing import M3LUNG_INFERENCE_CENTERS, M3LUNG_WIDTH
 from .types import CLASS_NAMES
 
@@ -117,7 +117,7 @@ class LearnedOutput:
     slice_class_probabilities: np.ndarray | None = None   # (Z, 4) M3Lung-Sys slice net (synthetic-trained)
     slice_lesion_probability_m3lung: np.ndarray | None = None  # (Z,) its multi-task lesion head
     patient_probabilities: np.ndarray | None = None       # (4,) M3Lung-Sys patient net (synthetic-trained)
-    crops: list[SliceCrop | None] = field(default_factory=list)
+    inputs: SliceInputs | None = None  # the study's shared 2D input chain (crop boxes, resizes, windows)
     cam_maps: dict[int, np.ndarray] = field(default_factory=dict)        # z -> (S, S) crop-grid CAM in [0, 1]
     prototype_maps: dict[int, np.ndarray] = field(default_factory=dict)  # z -> (S, S) crop-grid map in [0, 1]
     provenance: dict[str, dict] = field(default_factory=dict)
@@ -126,10 +126,9 @@ class LearnedOutput:
     def slice_map(self, kind: str, z: int) -> np.ndarray | None:
         """A location map registered to slice ``z`` of the study (full slice grid), or None."""
         maps = self.cam_maps if kind == "cam" else self.prototype_maps
-        crop = self.crops[z] if 0 <= z < len(self.crops) else None
-        if z not in maps or crop is None:
+        if z not in maps or self.inputs is None or self.inputs.crop(z) is None:
             return None
-        return map_back_to_slice(maps[z].astype(np.float32), crop)
+        return self.inputs.invert(maps[z].astype(np.float32), z)
 
 
 def _batches(n: int, size: int):
@@ -146,7 +145,8 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                        batch_size: int = 32, keep_maps: bool = True,
                        threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None = None,
-                       slice_probability: str = "area", torch_threads: int | None = None) -> LearnedOutput:
+                       slice_probability: str = "area", torch_threads: int | None = None,
+                       inputs: SliceInputs | None = None) -> LearnedOutput:
     """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
 
     ``slice_probability`` decides what ``lesion_probability`` holds:
@@ -157,7 +157,8 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     always in ``lesion_probability_model`` and its CAM maps are always computed. ``threshold_area_mm2`` may be a
     callable returning the areas (the threshold baseline running in another thread): it is called only after all
     networks ran. ``torch_threads``: PyTorch's intra-op threads for this call (restored after): one when another
-    stage uses the other core, so the two do not fight over it."""
+    stage uses the other core, so the two do not fight over it. ``inputs``: the study's shared
+    :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
     if slice_probability not in ("area", "model"):
         raise ValueError("slice_probability must be 'area' or 'model'")
     import torch
@@ -167,7 +168,8 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
         torch.set_num_threads(max(1, int(torch_threads)))
     try:
         return _run_learned_models(hu, lung_labels, models, batch_size=batch_size, keep_maps=keep_maps,
-                                   threshold_area_mm2=threshold_area_mm2, slice_probability=slice_probability)
+                                   threshold_area_mm2=threshold_area_mm2, slice_probability=slice_probability,
+                                   inputs=inputs)
     finally:
         if torch.get_num_threads() != prev_threads:
             torch.set_num_threads(prev_threads)
@@ -176,7 +178,7 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
 def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                         batch_size: int, keep_maps: bool,
                         threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None,
-                        slice_probability: str) -> LearnedOutput:
+                        slice_probability: str, inputs: SliceInputs | None = None) -> LearnedOutput:
     import torch
 
     from .models.checkpoint import channels_last_input
@@ -186,19 +188,12 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
     if not models:
         return out
     t = time.perf_counter()
-    # one lung box per slice (independent of the models' input sizes); each model gets its own resize of it
-    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, 8)
-    out.crops = crops
+    # one lung box per slice, shared with the segmenter; each model gets its own resize of it
+    inputs = inputs if inputs is not None else SliceInputs(hu, lung_labels > 0)
+    out.inputs = inputs
+    z_idx = inputs.z
     if z_idx.size == 0:
         return out
-    hu_by_size: dict[int, np.ndarray] = {}
-
-    def hu_crops(size: int) -> np.ndarray:  # (N, S, S) HU, same boxes as ``crops``
-        if size not in hu_by_size:
-            hu_by_size[size] = np.stack([
-                crop_slice(hu[k], lung_labels[k] > 0, size, box=crops[k].box).image for k in z_idx
-            ]).astype(np.float32)
-        return hu_by_size[size]
     out.timing["crop"] = time.perf_counter() - t
 
     with torch.inference_mode():
@@ -206,8 +201,8 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
         if lesion is not None:
             t = time.perf_counter()
             c, w = lesion.meta.get("window", [-600.0, 1200.0])
-            x_all = torch.from_numpy(window_input(hu_crops(int(lesion.meta.get("input_size", 96))),
-                                                  float(c), float(w)))[:, None]
+            x_all = torch.from_numpy(inputs.inputs(int(lesion.meta.get("input_size", 96)), float(c), float(w),
+                                                   model="lesion_presence"))[:, None]
             ch = int(lesion.meta.get("channels", 1))
             if ch > 1:
                 x_all = x_all.expand(-1, ch, -1, -1)
@@ -240,12 +235,13 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
             centers = m3.meta.get("window_centers") or list(M3LUNG_INFERENCE_CENTERS)
             width = float(m3.meta.get("window_width", M3LUNG_WIDTH))
             ch = int(m3.meta.get("channels", 3))
-            m3_hu = hu_crops(int(m3.meta.get("input_size", 128)))
+            m3_size = int(m3.meta.get("input_size", 128))
             cls_sum = les_sum = feat_sum = map_sum = None
             # M3Lung-Sys Sec. III-A-2: at inference the window centre is -700/-600/-500 (width 1200) and the
             # predicted scores and features are averaged over the three windows.
             for c in centers:
-                x_all = torch.from_numpy(window_input(m3_hu, float(c), width))[:, None].expand(-1, ch, -1, -1)
+                x_all = torch.from_numpy(inputs.inputs(m3_size, float(c), width, model="m3lung_slice"))[:, None]
+                x_all = x_all.expand(-1, ch, -1, -1)
                 cls_p, les_p, feats, maps = [], [], [], []
                 for b in _batches(len(x_all), batch_size):
                     res = m3.model(channels_last_input(m3.model, x_all[b]))

@@ -20,6 +20,7 @@ from .io.writers import write_json, write_text, write_volume
 from .learned import LearnedOutput, load_bundled_models, prefetch_bundled_models, run_learned_models
 from .parallel import Background, n_threads, thread_budget
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
+from .preprocess.slice_input import SliceInputs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
 from .report.html import build_report
 from .rules import classify_by_rule
@@ -104,6 +105,14 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
 
     learned = LearnedOutput()
+    # one 2D input chain (lung boxes, resizes, windows) for every 2D model of this run, built on first use
+    slice_inputs: list[SliceInputs] = []
+
+    def shared_inputs() -> SliceInputs:
+        if not slice_inputs:
+            slice_inputs.append(SliceInputs(study.hu, lungs.labels > 0))
+        return slice_inputs[0]
+
     if opts.use_learned_models:
         t = time.perf_counter()
         models = load_bundled_models(opts.weights_dir)
@@ -114,7 +123,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             learned = run_learned_models(study.hu, lungs.labels, models,
                                          threshold_area_mm2=lambda: threshold_bg.result()[1],
                                          slice_probability=opts.slice_probability,
-                                         torch_threads=max(1, n_threads() - 1) if threshold_bg.running else None)
+                                         torch_threads=max(1, n_threads() - 1) if threshold_bg.running else None,
+                                         inputs=shared_inputs())
             timing["learned_models"] = time.perf_counter() - t
     threshold_finding, threshold_area = threshold_bg.result()
     threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
@@ -131,7 +141,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             finding = _not_segmented(study, gate)
         else:
             t = time.perf_counter()
-            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir, segmenter=opts.segmenter)
+            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir, segmenter=opts.segmenter,
+                                          inputs=shared_inputs())
             timing["lesions"] = time.perf_counter() - t
             if seg_finding is None:
                 segmentation["fallback"] = "no segmenter installed: threshold baseline used"
@@ -229,6 +240,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         models_used["learned"] = dict(learned.provenance)
     if segmentation["ran"] and "provenance" in finding.params:
         models_used.setdefault("learned", {})["lesion_seg"] = finding.params["provenance"]
+    if slice_inputs:  # the recorded 2D input chain, as run (pneumoct.preprocess.slice_input.SliceInputs)
+        models_used["slice_input_chain"] = slice_inputs[0].record()
     warnings = [w.to_dict() for w in study.warnings]
     for w in (segmentation.get("fingerprint") or {}).get("warnings", []):
         warnings.append({"code": w["code"], "message": w["message"]})
@@ -265,7 +278,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
 
 
 def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None, *,
-                    segmenter: str | None = None):
+                    segmenter: str | None = None, inputs: SliceInputs | None = None):
     """Lesion mask from the bundled segmenter (``weights/lesion_seg``), or None when it is not installed.
 
     A binary segmenter's lesion voxels are split into ground-glass / consolidation by HU with the threshold
@@ -291,7 +304,7 @@ def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: st
     if seg is None:
         return None
     margin = max(1, int(round(5.0 / float(study.spacing[2]))))
-    out = segment_volume(study.hu, lung_labels, seg, lung_margin_px=margin)
+    out = segment_volume(study.hu, lung_labels, seg, lung_margin_px=margin, inputs=inputs)
     mask = out.mask.astype(np.uint8)
     if seg.num_classes == 1:
         lesion = mask > 0

@@ -27,12 +27,11 @@ from .errors import PneumoctInputError
 from .parallel import run_chunks
 from .preprocess.slice_input import (
     LESION_MODEL_WINDOW,
+    SliceInputs,
     crop_slice,
-    crop_volume_slices,
     grey_to_unit,
     harmonise,
     map_back_to_slice,
-    window_input,
 )
 from .types import LESION_CONSOLIDATION, LESION_GGO
 
@@ -185,12 +184,14 @@ def _label_slice(probs: np.ndarray, crop, limit: np.ndarray, threshold: float) -
 
 
 def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter, *, batch_size: int = 16,
-                   threshold: float = 0.5, lung_margin_px: int = 2, is_hu: bool = True) -> SegmentationOutput:
+                   threshold: float = 0.5, lung_margin_px: int = 2, is_hu: bool = True,
+                   inputs: SliceInputs | None = None) -> SegmentationOutput:
     """Segment lesions in a (Z, Y, X) volume (HU, canonical; ``is_hu=False`` for a stack of 8-bit images).
 
     Each slice with lung is cropped to its lung box, windowed with the model's ``meta.window`` (or scaled
     /255 for 8-bit grey), run through the network in batches, and its probabilities put back on the slice grid
-    (bilinear). Lesions are kept only inside the lung mask dilated by ``lung_margin_px`` pixels."""
+    (bilinear). Lesions are kept only inside the lung mask dilated by ``lung_margin_px`` pixels. ``inputs``: the
+    study's shared :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
     hu = np.asarray(hu)
     lung_labels = np.asarray(lung_labels)
     if hu.ndim != 3 or lung_labels.shape != hu.shape:
@@ -199,15 +200,15 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
     timing: dict[str, float] = {}
     t = time.perf_counter()
     size = segmenter.input_size
-    z_idx, crops = crop_volume_slices(hu, lung_labels > 0, size)
+    inputs = inputs if inputs is not None else SliceInputs(hu, lung_labels > 0)
+    z_idx = inputs.z
     mask = np.zeros(hu.shape, np.uint8)
     prob = np.zeros(hu.shape, np.float16)
     timing["crop"] = time.perf_counter() - t
     if z_idx.size == 0:
         return SegmentationOutput(mask, prob, timing, z_idx)
-    images = np.stack([crops[k].image for k in z_idx]).astype(np.float32)
-    x = window_input(images, *segmenter.window) if is_hu else grey_to_unit(images)
-    x = harmonise(x, segmenter.meta.get("input_transform", "none"))
+    x = inputs.inputs(size, *segmenter.window, segmenter.meta.get("input_transform", "none"), is_hu=is_hu,
+                      model="lesion_seg")
     t = time.perf_counter()
     probs = _probabilities(segmenter, x, batch_size)
     timing["network"] = time.perf_counter() - t
@@ -224,7 +225,7 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
         for j in r:
             i, k = todo[j]
             limit = _lung_limit(lung_labels[k], lung_margin_px)
-            m, p = _label_slice(probs[i], crops[k], limit, threshold)
+            m, p = _label_slice(probs[i], inputs.crop(k), limit, threshold)
             mask[k] = m
             prob[k] = p.astype(np.float16)
 

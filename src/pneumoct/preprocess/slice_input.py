@@ -29,6 +29,7 @@ __all__ = [
     "MIN_LUNG_PIXELS",
     "LESION_MODEL_WINDOW",
     "SliceCrop",
+    "SliceInputs",
     "lung_slice_box",
     "crop_slice",
     "crop_volume_slices",
@@ -115,6 +116,81 @@ def crop_volume_slices(hu: np.ndarray, lung: np.ndarray, size: int = DEFAULT_INP
                                 margin_fraction=margin_fraction))
     z = np.array([k for k, c in enumerate(crops) if c is not None], dtype=np.int64)
     return z, crops
+
+
+class SliceInputs:
+    """One study's 2D network inputs, prepared once and shared by every 2D model of a run (the slice classifier,
+    M3Lung-Sys, the segmenter), as a recorded, invertible chain — in the spirit of MONAI's invertible transforms:
+
+    1. ``lung_box``: per slice, :func:`lung_slice_box` (lung bounding box + ``margin_fraction`` of the side; slices
+       with less lung than ``MIN_LUNG_PIXELS`` get none and are not offered to any model);
+    2. ``crop_resize``: the box cropped and resized (bilinear) to each model's square input size, cached per size;
+    3. ``window``: HU → [0, 1] through the model's window (and its ``input_transform``), per model.
+
+    :meth:`invert` maps a map on a crop grid back onto its slice (the inverse of steps 1-2); :meth:`record` is the
+    chain with its parameters, written to ``result.json``. Training builds its rows with :func:`crop_slice`, the
+    same step 1-2 code, so a model sees at inference what it saw in training.
+
+    hu: (Z, Y, X) HU (or grey for 8-bit stacks); lung: (Z, Y, X) bool/labels.
+    """
+
+    def __init__(self, hu: np.ndarray, lung: np.ndarray, margin_fraction: float = DEFAULT_MARGIN_FRACTION):
+        hu = np.asarray(hu)
+        lung = np.asarray(lung)
+        if hu.ndim != 3 or lung.shape != hu.shape:
+            raise ValueError(f"need a (Z, Y, X) volume and a lung mask of the same shape, got {hu.shape} / "
+                             f"{lung.shape}")
+        self.hu = hu
+        self.margin_fraction = float(margin_fraction)
+        self.slice_shape = (int(hu.shape[1]), int(hu.shape[2]))
+        self.boxes: list[BBox | None] = [lung_slice_box(lung[k] > 0, margin_fraction) for k in range(hu.shape[0])]
+        self.z = np.array([k for k, b in enumerate(self.boxes) if b is not None], dtype=np.int64)
+        self._crops: dict[int, np.ndarray] = {}
+        self._windows: list[dict] = []
+
+    def crops(self, size: int) -> np.ndarray:
+        """(N, size, size) float32 crops of the slices in :attr:`z` (step 2), cached per size."""
+        size = int(size)
+        if size not in self._crops:
+            out = np.empty((len(self.z), size, size), np.float32)
+            for i, k in enumerate(self.z):
+                out[i] = zoom_to_shape(crop_to_box(self.hu[k].astype(np.float32), self.boxes[k]), (size, size),
+                                       order=1)
+            self._crops[size] = out
+        return self._crops[size]
+
+    def inputs(self, size: int, center: float, width: float, transform: str = "none", *,
+               is_hu: bool = True, model: str = "") -> np.ndarray:
+        """(N, size, size) network input in [0, 1] (step 3), recorded in the chain under ``model``."""
+        x = window_input(self.crops(size), center, width) if is_hu else grey_to_unit(self.crops(size))
+        self._windows.append({"model": model, "size": int(size), "window": [float(center), float(width)] if is_hu
+                              else "grey/255", "input_transform": transform})
+        return harmonise(x, transform) if transform != "none" else x
+
+    def crop(self, k: int) -> SliceCrop | None:
+        """The crop geometry of slice ``k`` (no pixels), for :meth:`invert` / :func:`map_back_to_slice`."""
+        b = self.boxes[k] if 0 <= k < len(self.boxes) else None
+        return None if b is None else SliceCrop(box=b, image=np.empty((0, 0), np.float32), slice_shape=self.slice_shape)
+
+    def invert(self, crop_map: np.ndarray, k: int, *, order: int = 1, fill: float = 0.0) -> np.ndarray:
+        """A map on slice ``k``'s crop grid → the full slice grid (the inverse of steps 1-2)."""
+        b = self.boxes[k]
+        if b is None:
+            raise ValueError(f"slice {k} has no lung crop")
+        return uncrop_to_slice(crop_map, b, self.slice_shape, order=order, fill=fill)
+
+    def record(self) -> list[dict]:
+        """The chain as run: step names, parameters and, for step 3, one entry per model input made."""
+        seen, windows = set(), []
+        for w in self._windows:
+            key = (w["model"], w["size"], str(w["window"]), w["input_transform"])
+            if key not in seen:
+                seen.add(key)
+                windows.append(w)
+        return [{"step": "lung_box", "margin_fraction": self.margin_fraction, "min_lung_fraction": MIN_LUNG_PIXELS,
+                 "slices_with_crop": int(len(self.z)), "slices": int(len(self.boxes))},
+                {"step": "crop_resize", "sizes": sorted(self._crops), "interpolation": "bilinear"},
+                {"step": "window", "inputs": windows}]
 
 
 def window_input(hu_crop: np.ndarray, center: float = LESION_MODEL_WINDOW[0],

@@ -50,7 +50,8 @@ SEG_TARGETS = {
     "lesion_binary": ("background", "lesion"),                              # lesion_mask > 0; one sigmoid logit
     "lesion_multiclass": ("background", "ground_glass", "consolidation"),   # lesion_mask 0/1/2; softmax over 3
 }
-TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid")
+TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid",
+               "covid_ct_md_pseudo")
 
 
 @dataclass
@@ -291,9 +292,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(spec, dict) or "kind" not in spec:
             raise _bad(f"data.tables[{i}] must be a mapping with 'kind' and 'path'")
         for k in spec:
-            if k not in ("kind", "path", "limit", "per_lung", "studies", "seed", "copies"):
+            if k not in ("kind", "path", "limit", "per_lung", "studies", "seed", "copies", "agree_with", "min_pixels"):
                 raise _bad(f"unknown config key 'data.tables[{i}].{k}' (known: kind, path, limit, per_lung; "
-                           "studies, seed, copies for covid_ct_md_hybrid)")
+                           "studies, seed, copies for covid_ct_md_hybrid; studies, agree_with, min_pixels for "
+                           "covid_ct_md_pseudo)")
         _choice(spec["kind"], TABLE_KINDS, f"data.tables[{i}].kind")
         if not spec.get("path") and spec["kind"] in ("phantom_cohort", "manifest"):
             raise _bad(f"data.tables[{i}].path is missing")

@@ -466,7 +466,8 @@ def table_from_manifest(path: str | os.PathLike[str], size: int = DEFAULT_SIZE, 
 
 # -- dispatch and cache ----------------------------------------------------------------------------------------------
 
-_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid")
+_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid",
+          "covid_ct_md_pseudo")
 
 
 def build_table(spec: dict, size: int = DEFAULT_SIZE) -> SliceTable:
@@ -492,6 +493,11 @@ def build_table(spec: dict, size: int = DEFAULT_SIZE) -> SliceTable:
         return table_from_ctmd_hybrid(path or COVID_CT_MD_ROOT, size,
                                       studies=spec.get("studies") or ("covid", "cap", "normal"),
                                       seed=int(spec.get("seed", 0)), copies=int(spec.get("copies", 1)))
+    if kind == "covid_ct_md_pseudo":
+        from .pseudo import table_from_ctmd_pseudo
+
+        return table_from_ctmd_pseudo(path or COVID_CT_MD_ROOT, size, studies=spec.get("studies") or ("covid", "cap"),
+                                      agree_with=spec.get("agree_with"), min_pixels=int(spec.get("min_pixels", 20)))
     raise ValueError(f"unknown table kind {kind!r}; choose from {', '.join(_KINDS)}")
 
 
