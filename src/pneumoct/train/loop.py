@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from ..errors import PneumoctInputError
 from .checkpoint import (load_checkpoint, load_training_state, rng_state, save_checkpoint,
                          save_training_state)
 from .config import TrainConfig, config_to_dict
+from .epochs import EpochState, TaskPlugin, recalibrate_best_at_end, run_epochs
 from .run import RunFolder, is_synthetic_source, model_card
 from .table import SliceTable
 
@@ -46,10 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
 
 def select_device(name: str) -> torch.device:
@@ -226,11 +221,75 @@ def _checkpoint_meta(cfg: TrainConfig, summary: dict, extra: dict) -> dict:
     }
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+class _SlicePlugin(TaskPlugin):
+    """Slice classification (M3Lung-Sys, multi-scale CAM, JCS classifier) for :func:`run_epochs`: batches from
+    the class-balanced (or shuffled) sampler, the task's loss, loss / accuracy / AUC on validation; the last state
+    is saved every epoch for ``--resume``."""
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
+    def __init__(self, cfg, run, summary, task, train_t, train_ds, plain_train_ds, val_loader, n_batches, device,
+                 opt, sched):
+        self.cfg, self.run, self.summary, self.task = cfg, run, summary, task
+        self._opt, self._sched = opt, sched  # saved with the last state (resume)
+        self.train_t, self.train_ds, self.plain_train_ds, self.val_loader = train_t, train_ds, plain_train_ds, val_loader
+        self._n, self.device, self.t = n_batches, device, cfg.train
+
+    def n_batches(self, epoch: int) -> int:
+        return self._n
+
+    def batches(self, epoch: int, seed: int):
+        t = self.t
+        self.train_ds.set_epoch(epoch)
+        if hasattr(self.task, "reseed"):
+            self.task.reseed([t.seed, epoch])
+        if t.balanced_sampling:
+            from .sampling import class_balanced_sampler
+
+            groups = self.train_t.class_label
+            if t.balance_by == "class_and_look":
+                # equal weight to every (class, look) pair, look = HU-windowed vs 8-bit export: without it a
+                # source that holds one class only teaches "this look means that class"
+                groups = np.where(self.train_t.class_label < 0, -1,
+                                  self.train_t.class_label * 2 + self.train_t.is_hu.astype(int))
+            sampler = class_balanced_sampler(groups, num_samples=len(self.train_t), seed=seed)
+            loader = DataLoader(self.train_ds, batch_size=t.batch_size, sampler=sampler,
+                                drop_last=len(self.train_ds) > t.batch_size)
+        else:
+            g = torch.Generator()
+            g.manual_seed(seed)
+            loader = DataLoader(self.train_ds, batch_size=t.batch_size, shuffle=True, generator=g,
+                                drop_last=len(self.train_ds) > t.batch_size)
+        return (_to_device(b, self.device) for b in loader)
+
+    def loss(self, model, batch):
+        return self.task.loss(model, batch, train=True)[0]
+
+    def evaluate(self, model) -> dict:
+        return evaluate(model, self.task, self.val_loader, self.cfg.class_names, self.device)
+
+    def monitor(self, metrics: dict) -> float:
+        return monitor_value(metrics, self.t.monitor)
+
+    def recalibration_data(self):
+        return self.plain_train_ds if self.t.bn_recalibrate in ("epoch", "end") else None
+
+    def on_improved(self, epoch, model, best, recalibrated) -> None:
+        cfg = self.cfg
+        save_checkpoint(self.run.best, model, cfg.model.name, cfg.model.kwargs,
+                        _checkpoint_meta(cfg, self.summary, {"epoch": epoch, "val": best,
+                                                             "bn_recalibrated": self.t.bn_recalibrate == "epoch"}))
+
+    def on_epoch_end(self, epoch, model, state) -> None:
+        cfg = self.cfg
+        save_checkpoint(self.run.last_state, model, cfg.model.name, cfg.model.kwargs,
+                        _checkpoint_meta(cfg, self.summary, {"epoch": epoch}))
+        save_training_state(self.run.last_state, self._opt, self._sched, epoch, state.best, rng_state(),
+                            extra={"history": state.history, "bad_epochs": state.bad_epochs,
+                                   "stopped": state.stopped})
+
+    def log_epoch(self, epoch, epochs, rec, improved) -> None:
+        log.info("epoch %d/%d: train_loss %.4f val_loss %s val_acc %s val_auc %s%s", epoch + 1, epochs,
+                 rec["train_loss"] or float("nan"), _f(rec["val_loss"]), _f(rec["val_acc"]), _f(rec["val_auc"]),
+                 " (best)" if improved else "")
 
 
 # ----------------------------------------------------------------------------------------------------------- fit
@@ -242,7 +301,7 @@ def fit(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
         raise PneumoctInputError("bad_config", "fit() trains slice models; the patient task is fit_patient()")
     from ..models import build_model
     from .augment import AugmentConfig
-    from .sampling import class_balanced_sampler, m3lung_slice_rule
+    from .sampling import m3lung_slice_rule
     from .tasks import make_task
     from .torchdata import SliceDataset
 
@@ -320,98 +379,21 @@ def fit(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
         n_batches = max(1, len(train_ds) // t.batch_size)
         if t.max_batches_per_epoch:
             n_batches = min(n_batches, int(t.max_batches_per_epoch))
-        stopped = resumed_stopped
-        for epoch in range(start_epoch, t.epochs):
-            t0 = time.time()
-            es = _epoch_seed(t.seed, epoch)
-            torch.manual_seed(es)
-            np.random.seed(es % (2**32))
-            train_ds.set_epoch(epoch)
-            if hasattr(task, "reseed"):
-                task.reseed([t.seed, epoch])
-            if t.balanced_sampling:
-                groups = train_t.class_label
-                if t.balance_by == "class_and_look":
-                    # equal weight to every (class, look) pair, look = HU-windowed vs 8-bit export: without it a
-                    # source that holds one class only teaches "this look means that class"
-                    groups = np.where(train_t.class_label < 0, -1, train_t.class_label * 2 + train_t.is_hu.astype(int))
-                sampler = class_balanced_sampler(groups, num_samples=len(train_t), seed=es)
-                loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
-                                    drop_last=len(train_ds) > t.batch_size)
-            else:
-                g = torch.Generator()
-                g.manual_seed(es)
-                loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, generator=g,
-                                    drop_last=len(train_ds) > t.batch_size)
-            model.train()
-            losses = []
-            bar = _progress(n_batches, f"epoch {epoch + 1}/{t.epochs}", progress)
-            for bi, batch in enumerate(loader):
-                if bi >= n_batches:
-                    break
-                batch = _to_device(batch, device)
-                opt.zero_grad(set_to_none=True)
-                loss, parts = task.loss(model, batch, train=True)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training loss is {float(loss)} at epoch {epoch + 1}, batch {bi + 1}")
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            bar.close()
-            if sched is not None:
-                sched.step()
-            eval_model = model
-            if t.bn_recalibrate == "epoch":
-                eval_model = _recalibrated_copy(model, plain_train_ds, t, device)
-            m = evaluate(eval_model, task, val_loader, cfg.class_names, device)
-            rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                   "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 3),
-                   **{kk: v for kk, v in m.items()}}
-            history.append(rec)
-            improved = best is None or monitor_value(m, t.monitor) > monitor_value(best, t.monitor)
-            if improved:
-                best = {kk: v for kk, v in rec.items() if kk != "val_confusion_matrix"}
-                bad_epochs = 0
-                save_checkpoint(run.best, eval_model, cfg.model.name, cfg.model.kwargs,
-                                _checkpoint_meta(cfg, summary, {"epoch": epoch, "val": best,
-                                                                "bn_recalibrated": t.bn_recalibrate == "epoch"}))
-            else:
-                bad_epochs += 1
-            if t.early_stopping_patience is not None and bad_epochs >= t.early_stopping_patience:
-                stopped = True
-            log.info("epoch %d/%d: train_loss %.4f val_loss %s val_acc %s val_auc %s%s", epoch + 1, t.epochs,
-                     rec["train_loss"] or float("nan"), _f(m["val_loss"]), _f(m["val_acc"]), _f(m["val_auc"]),
-                     " (best)" if improved else "")
-            save_checkpoint(run.last_state, model, cfg.model.name, cfg.model.kwargs,
-                            _checkpoint_meta(cfg, summary, {"epoch": epoch}))
-            save_training_state(run.last_state, opt, sched, epoch, best, rng_state(),
-                                extra={"history": history, "bad_epochs": bad_epochs, "stopped": stopped})
-            run.write_json("metrics.json", {"status": "running", "history": history, "best": best,
-                                            "early_stopped": stopped})
-            if stopped:
-                log.info("early stopping: no improvement of %s for %d epoch(s)", t.monitor, bad_epochs)
-                break
+        plugin = _SlicePlugin(cfg, run, summary, task, train_t, train_ds, plain_train_ds, val_loader, n_batches, device,
+                              opt, sched)
+        st = run_epochs(model, plugin, opt, sched, t, run, device, start_epoch=start_epoch, progress=progress,
+                        state=EpochState(history=history, best=best, bad_epochs=bad_epochs, stopped=resumed_stopped))
+        history, best, stopped = st.history, st.best, st.stopped
 
         # ------------------------------------------------------------------ BatchNorm recalibration (end)
-        bn_info: dict[str, Any] = {"mode": t.bn_recalibrate}
         best_model, best_info = load_checkpoint(run.best, expected_name=cfg.model.name)
         best_model.to(device)
-        if t.bn_recalibrate == "end" and _has_bn(best_model):
-            before = evaluate(best_model, task, val_loader, cfg.class_names, device)
-            cand = _recalibrated_copy(best_model, plain_train_ds, t, device)
-            after = evaluate(cand, task, val_loader, cfg.class_names, device)
-            keep = monitor_value(after, t.monitor) >= monitor_value(before, t.monitor)
-            bn_info.update({"before": _brief(before), "after": _brief(after), "kept": bool(keep)})
-            if keep:
-                best = {**best, **_brief(after), "bn_recalibrated": True}
-                save_checkpoint(run.best, cand, cfg.model.name, cfg.model.kwargs,
-                                {**best_info["meta"], "val": best, "bn_recalibrated": True})
-                best_model = cand
-            log.info("BatchNorm recalibration: %s %s -> %s (%s)", t.monitor,
-                     _f(monitor_value(before, t.monitor)), _f(monitor_value(after, t.monitor)),
-                     "kept" if keep else "discarded")
+
+        def save_recalibrated(m: torch.nn.Module, b: dict) -> None:
+            save_checkpoint(run.best, m, cfg.model.name, cfg.model.kwargs, {**best_info["meta"], "val": b,
+                                                                            "bn_recalibrated": True})
+
+        best, bn_info = recalibrate_best_at_end(best_model, plugin, t, device, best, save_recalibrated, _brief)
         metrics = {"status": "done", "history": history, "best": best, "early_stopped": stopped,
                    "bn_recalibration": bn_info, "monitor": t.monitor}
         run.write_json("metrics.json", metrics)
@@ -430,22 +412,3 @@ def _f(v: Any) -> str:
 
 def _brief(m: dict) -> dict:
     return {k: m.get(k) for k in ("val_loss", "val_acc", "val_auc")}
-
-
-def _has_bn(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _recalibrated_copy(model: torch.nn.Module, ds: Any, t: Any, device: torch.device) -> torch.nn.Module:
-    from ..models.multiscale_cam import recalibrate_batchnorm
-
-    cand = copy.deepcopy(model)
-    g = torch.Generator()
-    g.manual_seed(t.seed)
-    loader = DataLoader(ds, batch_size=max(2, t.batch_size), shuffle=True, generator=g)
-    batches = []
-    for i, b in enumerate(loader):
-        if i >= t.bn_recalibrate_batches:
-            break
-        batches.append(b["image"].to(device))
-    return recalibrate_batchnorm(cand, batches)

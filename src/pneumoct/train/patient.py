@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import PneumoctInputError
 from .checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from .config import TrainConfig
+from .epochs import TaskPlugin, run_epochs
 from .table import SliceTable
 
 __all__ = ["extract_patient_features", "pad_batch", "train_patient_model", "fit_patient"]
@@ -86,66 +87,72 @@ def _evaluate(model, feats, labels, idx, class_names, batch_size, device) -> dic
             "val_confusion_matrix": rep["confusion_matrix"]}
 
 
+class _PatientPlugin(TaskPlugin):
+    """The patient network on per-patient slice features for :func:`run_epochs` (M3Lung-Sys Sec. IV-A:
+    cross-entropy), class-balanced draws of patients when ``t.balanced_sampling``."""
+
+    def __init__(self, feats, labels, train_idx, val_idx, t, class_names, device, on_epoch):
+        self.feats, self.labels, self.train_idx, self.val_idx = feats, labels, np.asarray(train_idx), val_idx
+        self.t, self.class_names, self.device, self._on_epoch = t, class_names, device, on_epoch
+        self._order = self.train_idx
+
+    def n_batches(self, epoch: int) -> int:
+        n = math.ceil(len(self.train_idx) / self.t.batch_size)
+        return min(n, int(self.t.max_batches_per_epoch)) if self.t.max_batches_per_epoch else n
+
+    def batches(self, epoch: int, seed: int):
+        rng = np.random.default_rng(seed)
+        if self.t.balanced_sampling:
+            y = self.labels[self.train_idx]
+            w = 1.0 / np.bincount(y)[y]
+            order = rng.choice(self.train_idx, size=len(self.train_idx), replace=True, p=w / w.sum())
+        else:
+            order = rng.permutation(self.train_idx)
+        bs = self.t.batch_size
+        for bi in range(math.ceil(len(order) / bs)):
+            b = order[bi * bs: (bi + 1) * bs]
+            x, m = pad_batch([self.feats[i] for i in b])
+            yield x.to(self.device), m.to(self.device), torch.as_tensor(self.labels[b]).long().to(self.device)
+
+    def loss(self, model, batch):
+        x, m, y = batch
+        return F.cross_entropy(model(x, m)["logits"], y)
+
+    def evaluate(self, model) -> dict:
+        return _evaluate(model, self.feats, self.labels, np.asarray(self.val_idx), self.class_names,
+                         self.t.batch_size, self.device)
+
+    def monitor(self, metrics: dict) -> float:
+        from .loop import monitor_value
+
+        return monitor_value(metrics, self.t.monitor)
+
+    def on_epoch_end(self, epoch, model, state) -> None:
+        if self._on_epoch is not None:
+            improved = state.bad_epochs == 0
+            self._on_epoch(epoch, state.history[-1], improved, model)
+
+    def log_epoch(self, epoch, epochs, rec, improved) -> None:
+        log.info("patient epoch %d/%d: train_loss %.4f val_acc %s", epoch + 1, epochs,
+                 rec["train_loss"] or float("nan"), rec["val_acc"])
+
+
 def train_patient_model(model: torch.nn.Module, feats: Sequence[np.ndarray], labels: np.ndarray,
                         train_idx: np.ndarray, val_idx: np.ndarray, t: Any, class_names: list[str], *,
                         on_epoch: Callable[[int, dict, bool, torch.nn.Module], None] | None = None,
                         progress: bool = False, device: str | torch.device = "cpu") -> dict:
     """Train the patient network with cross-entropy (M3Lung-Sys Sec. IV-A), class-balanced sampling when
     ``t.balanced_sampling``; ``t`` is a :class:`TrainOptions`. Returns ``{"history", "best", "early_stopped"}``."""
-    from .loop import _epoch_seed, _progress, build_optimizer, build_scheduler, monitor_value
+    from .loop import build_optimizer, build_scheduler
 
     labels = np.asarray(labels, np.int64)
     model.to(device)
     opt = build_optimizer(model, t)
     sched = build_scheduler(opt, t)
-    history: list[dict] = []
-    best, bad, stopped = None, 0, False
-    for epoch in range(t.epochs):
-        es = _epoch_seed(t.seed, epoch)
-        torch.manual_seed(es)
-        rng = np.random.default_rng(es)
-        if t.balanced_sampling:
-            y = labels[train_idx]
-            w = 1.0 / np.bincount(y)[y]
-            order = rng.choice(train_idx, size=len(train_idx), replace=True, p=w / w.sum())
-        else:
-            order = rng.permutation(train_idx)
-        model.train()
-        losses = []
-        n_batches = math.ceil(len(order) / t.batch_size)
-        if t.max_batches_per_epoch:
-            n_batches = min(n_batches, int(t.max_batches_per_epoch))
-        bar = _progress(n_batches, f"patient epoch {epoch + 1}/{t.epochs}", progress)
-        for bi in range(n_batches):
-            b = order[bi * t.batch_size: (bi + 1) * t.batch_size]
-            x, m = pad_batch([feats[i] for i in b])
-            yb = torch.as_tensor(labels[b]).long().to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x.to(device), m.to(device))["logits"], yb)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-        bar.close()
-        if sched is not None:
-            sched.step()
-        mt = _evaluate(model, feats, labels, np.asarray(val_idx), class_names, t.batch_size, device)
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-               "lr": float(opt.param_groups[0]["lr"]), **mt}
-        history.append(rec)
-        improved = best is None or monitor_value(mt, t.monitor) > monitor_value(best, t.monitor)
-        if improved:
-            best, bad = {k: v for k, v in rec.items() if k != "val_confusion_matrix"}, 0
-        else:
-            bad += 1
-        if on_epoch is not None:
-            on_epoch(epoch, rec, improved, model)
-        log.info("patient epoch %d/%d: train_loss %.4f val_acc %s", epoch + 1, t.epochs,
-                 rec["train_loss"] or float("nan"), mt["val_acc"])
-        if t.early_stopping_patience is not None and bad >= t.early_stopping_patience:
-            stopped = True
-            break
-    return {"history": history, "best": best, "early_stopped": stopped}
+    plugin = _PatientPlugin(feats, labels, train_idx, val_idx, t, class_names, device, on_epoch)
+    st = run_epochs(model, plugin, opt, sched, t, None, torch.device(device), progress=progress,
+                    desc="patient epoch")
+    return {"history": st.history, "best": st.best, "early_stopped": st.stopped}
 
 
 def fit_patient(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import PneumoctInputError
 from .config import TrainConfig
-from .loop import (_checkpoint_meta, _epoch_seed, _has_bn, _progress, _recalibrated_copy, build_optimizer,
-                   build_scheduler, data_summary, seed_everything, select_device, split_indices)
+from .epochs import TaskPlugin, recalibrate_best_at_end, run_epochs
+from .loop import (_checkpoint_meta, build_optimizer, build_scheduler, data_summary, seed_everything, select_device,
+                   split_indices)
 from .run import SYNTHETIC_LINE, synthetic_banner, RunFolder
 from .table import SliceTable
 
@@ -275,6 +275,50 @@ def seg_model_card(cfg: TrainConfig, summary: dict, metrics: dict, info: dict | 
 
 
 # ----------------------------------------------------------------------------------------------------------- fit
+class _SegPlugin(TaskPlugin):
+    """Lesion segmentation (JCS-style nets, U-Net) for :func:`run_epochs`: shuffled batches, the deep-supervised
+    Dice + cross-entropy loss with binary-only rows, Dice on validation; JCS's poly schedule steps per batch."""
+
+    def __init__(self, cfg, run, summary, train_ds, plain_train_ds, val_loader, n_batches, per_iter, multiclass,
+                 device):
+        self.cfg, self.run, self.summary, self.t = cfg, run, summary, cfg.train
+        self.train_ds, self.plain_train_ds, self.val_loader = train_ds, plain_train_ds, val_loader
+        self._n, self.per_iteration_scheduler, self.multiclass, self.device = n_batches, per_iter, multiclass, device
+
+    def n_batches(self, epoch: int) -> int:
+        return self._n
+
+    def batches(self, epoch: int, seed: int):
+        self.train_ds.set_epoch(epoch)
+        g = torch.Generator()
+        g.manual_seed(seed)
+        loader = DataLoader(self.train_ds, batch_size=self.t.batch_size, shuffle=True, generator=g,
+                            drop_last=len(self.train_ds) > self.t.batch_size)
+        return loader
+
+    def loss(self, model, batch):
+        x = batch["image"].to(self.device)
+        return segmentation_loss(model(x), batch["target"].to(self.device), batch["binary_only"].to(self.device))
+
+    def evaluate(self, model) -> dict:
+        return evaluate_segmentation(model, self.val_loader, self.multiclass, self.device)
+
+    def monitor(self, metrics: dict) -> float:
+        return _monitor(metrics, self.t.monitor)
+
+    def recalibration_data(self):
+        return self.plain_train_ds
+
+    def on_improved(self, epoch, model, best, recalibrated) -> None:
+        save_checkpoint_seg(self.run.best, model, self.cfg, self.summary,
+                            {"epoch": epoch, "val": best, "bn_recalibrated": self.t.bn_recalibrate == "epoch"})
+
+    def log_epoch(self, epoch, epochs, rec, improved) -> None:
+        log.info("epoch %d/%d: train_loss %.4f val_loss %s val_dice %s%s", epoch + 1, epochs,
+                 rec["train_loss"] if rec["train_loss"] is not None else float("nan"), _fmt(rec.get("val_loss")),
+                 _fmt(rec.get("val_dice")), " (best)" if improved else "")
+
+
 def _poly(opt: torch.optim.Optimizer, total_iters: int, power: float):
     total = max(1, int(total_iters))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: max(0.0, 1.0 - min(it, total) / total) ** power)
@@ -350,86 +394,21 @@ def fit_segmentation(cfg: TrainConfig, out_dir, progress: bool = True, table: Sl
             n_batches = min(n_batches, int(t.max_batches_per_epoch))
         per_iter = t.scheduler == "poly"
         sched = _poly(opt, n_batches * t.epochs, t.poly_power) if per_iter else build_scheduler(opt, t)
+        plugin = _SegPlugin(cfg, run, summary, train_ds, plain_train_ds, val_loader, n_batches, per_iter, multiclass,
+                            device)
+        st = run_epochs(model, plugin, opt, sched, t, run, device, progress=progress)
+        history, best, stopped = st.history, st.best, st.stopped
 
-        history: list[dict] = []
-        best: dict | None = None
-        bad_epochs = 0
-        stopped = False
-        for epoch in range(t.epochs):
-            t0 = time.time()
-            es = _epoch_seed(t.seed, epoch)
-            torch.manual_seed(es)
-            np.random.seed(es % (2**32))
-            train_ds.set_epoch(epoch)
-            g = torch.Generator()
-            g.manual_seed(es)
-            loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, generator=g,
-                                drop_last=len(train_ds) > t.batch_size)
-            model.train()
-            losses: list[float] = []
-            bar = _progress(n_batches, f"epoch {epoch + 1}/{t.epochs}", progress)
-            for bi, batch in enumerate(loader):
-                if bi >= n_batches:
-                    break
-                x = batch["image"].to(device)
-                tgt = batch["target"].to(device)
-                opt.zero_grad(set_to_none=True)
-                loss = segmentation_loss(model(x), tgt, batch["binary_only"].to(device))
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training loss is {float(loss)} at epoch {epoch + 1}, batch {bi + 1}")
-                loss.backward()
-                opt.step()
-                if per_iter:
-                    sched.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            bar.close()
-            if sched is not None and not per_iter:
-                sched.step()
-            eval_model = model
-            if t.bn_recalibrate == "epoch" and _has_bn(model):
-                eval_model = _recalibrated_copy(model, plain_train_ds, t, device)
-            m = evaluate_segmentation(eval_model, val_loader, multiclass, device)
-            rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                   "lr": float(opt.param_groups[0]["lr"]), "seconds": round(time.time() - t0, 3), **m}
-            history.append(rec)
-            improved = best is None or _monitor(m, t.monitor) > _monitor(best, t.monitor)
-            if improved:
-                best = dict(rec)
-                bad_epochs = 0
-                save_checkpoint_seg(run.best, eval_model, cfg, summary,
-                                    {"epoch": epoch, "val": best, "bn_recalibrated": t.bn_recalibrate == "epoch"})
-            else:
-                bad_epochs += 1
-            if t.early_stopping_patience is not None and bad_epochs >= t.early_stopping_patience:
-                stopped = True
-            log.info("epoch %d/%d: train_loss %.4f val_loss %s val_dice %s%s", epoch + 1, t.epochs,
-                     rec["train_loss"] if rec["train_loss"] is not None else float("nan"), _fmt(m.get("val_loss")),
-                     _fmt(m.get("val_dice")), " (best)" if improved else "")
-            run.write_json("metrics.json", {"status": "running", "history": history, "best": best,
-                                            "early_stopped": stopped, "monitor": t.monitor})
-            if stopped:
-                log.info("early stopping: no improvement of %s for %d epoch(s)", t.monitor, bad_epochs)
-                break
+        from .checkpoint import load_checkpoint, save_checkpoint
 
-        from .checkpoint import load_checkpoint
-
-        bn_info: dict[str, Any] = {"mode": t.bn_recalibrate}
         best_model, best_info = load_checkpoint(run.best, expected_name=cfg.model.name)
         best_model.to(device)
-        if t.bn_recalibrate == "end" and _has_bn(best_model):
-            before = evaluate_segmentation(best_model, val_loader, multiclass, device)
-            cand = _recalibrated_copy(best_model, plain_train_ds, t, device)
-            after = evaluate_segmentation(cand, val_loader, multiclass, device)
-            keep = _monitor(after, t.monitor) >= _monitor(before, t.monitor)
-            bn_info.update({"before": _brief(before), "after": _brief(after), "kept": bool(keep)})
-            if keep:
-                best = {**best, **_brief(after), "bn_recalibrated": True}
-                from .checkpoint import save_checkpoint
 
-                save_checkpoint(run.best, cand, cfg.model.name, cfg.model.kwargs,
-                                {**best_info["meta"], "val": best, "bn_recalibrated": True})
+        def save_recalibrated(m: torch.nn.Module, b: dict) -> None:
+            save_checkpoint(run.best, m, cfg.model.name, cfg.model.kwargs, {**best_info["meta"], "val": b,
+                                                                            "bn_recalibrated": True})
+
+        best, bn_info = recalibrate_best_at_end(best_model, plugin, t, device, best, save_recalibrated, _brief)
         metrics = {"status": "done", "history": history, "best": best, "early_stopped": stopped,
                    "bn_recalibration": bn_info, "monitor": t.monitor}
         run.write_json("metrics.json", metrics)
