@@ -137,7 +137,7 @@ def run_epochs(model: torch.nn.Module, plugin: TaskPlugin, opt: torch.optim.Opti
             opt.zero_grad(set_to_none=True)
             loss = plugin.loss(model, batch)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"training loss is {float(loss)} at epoch {epoch + 1}, batch {bi + 1}")
+                raise RuntimeError(f"training loss is {float(loss.detach())} at epoch {epoch + 1}, batch {bi + 1}")
             loss.backward()
             opt.step()
             if plugin.per_iteration_scheduler and sched is not None:
