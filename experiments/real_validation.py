@@ -417,6 +417,13 @@ def main(argv=None) -> int:
             r["call_correct"] = bool((r["label"] != "healthy") == (s != "normal"))
     res["selected"] = select(res["dicom"], cands)
     res["2d"] = last.get("2d", {}) if args.reuse_2d else {}
+    for c in [c for c in args.add.split(",") if c in FOLD_VARIANTS]:
+        fold_model = seg_v2("normal", FOLD_VARIANTS[c])
+        if fold_model.is_dir():  # every fold model shares the 2D training data: any one is held out on the 2D sets
+            with tempfile.TemporaryDirectory() as tmp:
+                name = f"{c} (fold model without the normal study)"
+                res["2d"][name] = {k: segment_2d(v, fold_model, Path(tmp) / k) for k, v in val_images_2d().items()}
+                print(f"2D {name}: {json.dumps(res['2d'][name])}", flush=True)
     if not args.skip_2d and not args.reuse_2d:
         pairs = val_images_2d()
         with tempfile.TemporaryDirectory() as tmp:

@@ -425,6 +425,8 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
     opts = options or DiagnoseOptions()
     timing: dict[str, float] = {}
     t_total = time.perf_counter()
+    if opts.use_learned_models:
+        prefetch_bundled_models(opts.weights_dir)  # torch + weights load while the study is read
     t = time.perf_counter()
     study = read_study(input_path)
     timing["read"] = time.perf_counter() - t
