@@ -79,6 +79,7 @@ BUNDLED_PHANTOM_COHORT = {"path": "data/phantoms/train", "seed": 101, "cases": 6
                           "difficulty": 0.3}
 
 _KIND_SOURCE = {"covid_ct_md": "covid-ct-md", "covid_ct_md_hybrid": "covid-ct-md-hybrid",
+                "covid_ct_md_pseudo": "covid-ct-md-pseudo",
                 "covid19_ct_seg_png": "covid19-ct-seg-png", "medseg": "medseg", "phantom_cohort": "phantom"}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -347,14 +348,15 @@ def _iter_table_cases(spec: dict, *, base_dir: Path | None, phantom_settings: di
         idx = np.unique(np.linspace(0, len(items) - 1, cap).round().astype(int))
         return [(int(i), items[int(i)]) for i in idx]
 
-    if kind in ("covid_ct_md", "covid_ct_md_hybrid"):
+    if kind in ("covid_ct_md", "covid_ct_md_hybrid", "covid_ct_md_pseudo"):
         from .io import read_study
         from .preprocess.lung_mask import segment_lungs
 
         root = path or D.COVID_CT_MD_ROOT
-        hybrid = kind == "covid_ct_md_hybrid"
-        name = "covid-ct-md-hybrid" if hybrid else "covid-ct-md"
-        keys = list(spec.get("studies") or ("covid", "cap", "normal"))
+        hybrid = kind != "covid_ct_md"
+        name = _KIND_SOURCE[kind]
+        keys = list(spec.get("studies") or (("covid", "cap") if kind == "covid_ct_md_pseudo"
+                                            else ("covid", "cap", "normal")))
         keys = keys[: None if limit is None or hybrid else int(limit)]
         for i, key in enumerate(keys):
             study = read_study(Path(root) / "dicom" / D._CTMD_STUDIES[key][0])
@@ -362,9 +364,12 @@ def _iter_table_cases(spec: dict, *, base_dir: Path | None, phantom_settings: di
             cases.append(hu_case_properties(study, lung, name, synthetic=False, seed=[seed, i],
                                             max_slices=max_slices, n=n))
         extra[name] = {"lung_mask": "pneumoct.preprocess.lung_mask.segment_lungs"}
-        if hybrid:
+        if kind == "covid_ct_md_hybrid":
             extra[name]["note"] = ("real COVID-CT-MD studies (acquisition, kernel, anatomy) with lesions simulated "
                                    "into their lesion-free slices; the HU statistics are of the real lungs")
+        elif kind == "covid_ct_md_pseudo":
+            extra[name]["note"] = ("real COVID-CT-MD positive slices with pseudo-label masks (threshold baseline "
+                                   "where the v1 segmenter agrees, lobe-negative sides emptied)")
     elif kind == "covid19_ct_seg_png":
         root = Path(path or D.COVID19_CT_SEG_PNG_ROOT)
         files = sorted((root / "ct").glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
