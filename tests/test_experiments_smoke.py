@@ -53,3 +53,22 @@ def test_hu_scales_smoke(tables, tmp_path):
                                           "model": "multiscale_cam_tiny", "out_root": str(tmp_path / "hu")})
     _check(res["rows"], [v[0] for v in mod.VARIANTS])
     assert "Conv5" in mod.markdown(res, None, 1.0)
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "pseudo"])
+def test_loso_fold_config_leaves_the_study_out_of_every_real_table(variant):
+    """A leave-one-study-out fold of the segmenter experiments must not see the held-out study through the hybrid
+    table nor through the pseudo-label table (seg_v2 / seg_v3 in docs/validation.md); the config still parses."""
+    sys.path.insert(0, str(EXP))
+    import lesion_seg_hybrid as L
+
+    from pneumoct.train.config import parse_config
+
+    for fold in ("covid", "cap", "normal"):
+        raw = L.fold_config(fold, variant)
+        real = [t for t in raw["data"]["tables"] if t["kind"] in ("covid_ct_md_hybrid", "covid_ct_md_pseudo")]
+        assert real and all(fold not in t["studies"] and t["studies"] for t in real), (fold, real)
+        assert raw["name"] == f"lesion_seg_{variant}_loso_{fold}"
+        assert variant != "pseudo" or any(t["kind"] == "covid_ct_md_pseudo" for t in real)
+        parse_config(raw, base_dir=EXP.parent)
+    assert L.run_dir("full", variant).name == f"lesion_seg_{variant}_cpu"
