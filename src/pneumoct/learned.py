@@ -89,7 +89,7 @@ _PREFETCH: dict[str, Any] = {}
 
 def prefetch_bundled_models(weights_dir: str | Path | None = None) -> None:
     """Start importing torch and loading the bundled models in a background thread (issue 10: that takes ~1.5 s,
-    which then overlaps reading the study and finding the lungs). ``load_bundled_models`` waits for it."""
+    which then overlaps finding the lungs). ``load_bundled_models`` waits for it."""
     from .parallel import Background
 
     key = str(Path(weights_dir) if weights_dir else bundled_weights_dir())
