@@ -104,6 +104,19 @@ def test_failed_run_leaves_no_result_json(toy_nifti, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*part*"))
 
 
+def test_rerun_with_fewer_outputs_leaves_no_stale_file_of_ours(toy_nifti, tmp_path):
+    """Issue 11 (reruns): a second run into the same folder with --no-report / --no-masks removes the first run's
+    report and masks (they would describe another run), keeps result.json last, and never touches a user's file."""
+    path, _, _ = toy_nifti
+    (tmp_path / "notes.txt").write_text("mine")
+    diagnose(path, tmp_path, DiagnoseOptions(use_learned_models=False))
+    assert {p.name for p in tmp_path.iterdir()} >= {"report.html", "lung_mask.nii.gz", "lesion_mask.nii.gz",
+                                                     "result.json"}
+    res = diagnose(path, tmp_path, DiagnoseOptions(use_learned_models=False, write_report=False, write_masks=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "result.json"]
+    assert res["outputs"] == ["result.json"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_cli_refuses_bad_input_with_exit_2(tmp_path, capsys):
     assert cli.main(["diagnose", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

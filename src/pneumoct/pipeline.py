@@ -487,6 +487,11 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
     stale = out_dir / "result.json"
     if stale.exists():  # a previous run's result must not sit beside this run's half-written files
         stale.unlink()
+    # a rerun with fewer outputs (--no-report, --no-masks) must not leave an earlier run's file of ours beside the
+    # new result.json; files that are not ours are never touched
+    for name, kept in (("report.html", report), ("lung_mask.nii.gz", masks), ("lesion_mask.nii.gz", masks)):
+        if not kept:
+            (out_dir / name).unlink(missing_ok=True)
 
     t_masks = time.perf_counter()
     written = []
