@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -199,6 +198,3 @@ def recalibrate_best_at_end(best_model: torch.nn.Module, plugin: TaskPlugin, t: 
              _f(plugin.monitor(after)), "kept" if keep else "discarded")
     return best, info
 
-
-def finite_or_inf(v: Any, sign: float = 1.0) -> float:
-    return sign * float(v) if v is not None and math.isfinite(float(v)) else -math.inf
