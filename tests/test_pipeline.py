@@ -252,3 +252,19 @@ def test_cli_synth_writes_cases_and_refuses_unknown_class(tmp_path, capsys):
     assert truth["label"] == "cap" and len(truth["slice_lesion_labels"]) == 30
     assert truth["lesion_volume_ratio"] > 0
     assert "synthetic" in truth["data_source"]
+
+
+def test_report_images_rendered_beside_the_quantification_equal_the_report_built_at_once(toy_nifti):
+    """diagnose renders the report's images (gallery, map panels) in a second thread while the quantification
+    runs (issue 10); the report built from them must be the one built from scratch."""
+    from pneumoct.pipeline import analyse_study
+    from pneumoct.report.html import build_report
+
+    _, study, _ = toy_nifti
+    out = analyse_study(study, DiagnoseOptions(), {})
+    assert out.figures is not None
+    a = build_report(out.result | {"timing_s": {}}, study, out.lung_labels, out.lesion_mask, learned=out.learned,
+                     figures=out.figures.result())
+    b = build_report(out.result | {"timing_s": {}}, study, out.lung_labels, out.lesion_mask, learned=out.learned)
+    assert a == b and "data:image/png;base64," in a
+    assert analyse_study(study, DiagnoseOptions(write_report=False), {}).figures is None

@@ -106,6 +106,8 @@ def diagnose(source: Any, *, spacing: tuple[float, float, float] | None = None, 
     t = time.perf_counter()
     study = as_study(source, spacing)
     timing["read"] = time.perf_counter() - t
+    # no file is written here: the report's images are rendered by save(), not in advance
+    options.setdefault("write_report", False)
     out = analyse_study(study, DiagnoseOptions(**options), timing)
     timing["total"] = time.perf_counter() - t
     out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}

@@ -61,6 +61,7 @@ class DiagnoseOutput:
     lung_labels: np.ndarray
     lesion_mask: np.ndarray
     learned: LearnedOutput = field(default_factory=LearnedOutput)
+    figures: Background | None = None  # the report's images, rendering in a second thread (report_figures)
 
 
 def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
@@ -157,30 +158,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         timing["lesions"] = timing["threshold_lesions"]  # "lesions" = the time of the mask used, always present
 
     t = time.perf_counter()
-    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
-    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
-                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
     lesion_area = per_slice_lesion_area_mm2(finding.mask, study.spacing)
-    timing["quantify"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    rule = classify_by_rule(q)
     burden = None
     if calibration is not None:
         from .burden import apply_calibration, slice_probability
 
         burden = apply_calibration(calibration, lesion_area, lung_area, float(study.spacing[0]))
         slice_p = slice_probability(calibration, lesion_area)
-    from .headline import patient_block
-    from .quantify.rsna import rsna_category
-
-    differential = rsna_category(q, finding.mask, lungs.labels, study.spacing, study.hu,
-                                 abnormal=None if burden is None else burden["abnormal_probability"] >= 0.5)
-    m3 = learned_patient_result(learned, rule_result=rule) if learned.patient_probabilities is not None else None
-    patient = patient_block(mode=opts.headline, q=q, rule=rule, differential=differential, burden=burden,
-                            cal=calibration, m3lung=m3)
-    timing["classify"] = time.perf_counter() - t
-
     slices = []
     for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, threshold_prob)):
         entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
@@ -212,6 +196,30 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             entry["class_probabilities"] = None if np.isnan(cp).any() else {
                 name: round(float(v), 4) for name, v in zip(CLASS_NAMES, cp)}
         slices.append(entry)
+
+    figures = None
+    if opts.write_report:  # the report's images need only the slices, masks and maps: beside the quantification
+        from .report.html import report_figures
+
+        figures = Background(report_figures, slices, study, lungs.labels, finding.mask, learned,
+                             name="pneumoct-figures")
+
+    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
+    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
+                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
+    timing["quantify"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rule = classify_by_rule(q)
+    from .headline import patient_block
+    from .quantify.rsna import rsna_category
+
+    differential = rsna_category(q, finding.mask, lungs.labels, study.spacing, study.hu,
+                                 abnormal=None if burden is None else burden["abnormal_probability"] >= 0.5)
+    m3 = learned_patient_result(learned, rule_result=rule) if learned.patient_probabilities is not None else None
+    patient = patient_block(mode=opts.headline, q=q, rule=rule, differential=differential, burden=burden,
+                            cal=calibration, m3lung=m3)
+    timing["classify"] = time.perf_counter() - t
 
     lesions = q.pop("lesions", [])
     models_used = {
@@ -274,7 +282,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "timing_s": timing,
     }
     return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask,
-                          learned=learned)
+                          learned=learned, figures=figures)
 
 
 def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None, *,
@@ -512,7 +520,8 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
             if t_start is not None:
                 timing["total"] = time.perf_counter() - t_total  # provisional, for the report
             out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
-            html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned)
+            html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned,
+                                figures=out.figures.result() if out.figures is not None else None)
             write_text(out_dir / "report.html", html)
             written.append("report.html")
             timing["report"] = time.perf_counter() - t

@@ -253,10 +253,11 @@ def _resize_rgb(rgb: np.ndarray, aspect: float, max_size: int = 256) -> np.ndarr
     return np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BILINEAR))
 
 
-def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.ndarray,
-                 lesion_mask: np.ndarray, learned=None) -> str:
-    slices = result["slices"]
-    q = result["quantification"]
+def report_figures(slices: list[dict], study: StudyVolume, lung_labels: np.ndarray, lesion_mask: np.ndarray,
+                   learned=None) -> dict[str, Any]:
+    """The report's images: the slice gallery and the "where the models looked" panels. They need only the
+    per-slice results (``result["slices"]``), the masks and the model maps, so ``diagnose`` renders them in a
+    second thread while the quantification runs (:func:`build_report` takes them ready-made)."""
     idx, step = gallery_indices(study.shape[0], lung_labels.any(axis=(1, 2)))
     aspect = float(study.spacing[1]) / float(study.spacing[2])
     gallery = []
@@ -265,6 +266,19 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         s = slices[i]
         gallery.append({"uri": png_data_uri(rgb), "index": i, "position_mm": s["position_mm"],
                         "lesion_area_mm2": s["lesion_area_mm2"], "lesion_probability": s["lesion_probability"]})
+    return {"gallery": gallery, "gallery_indices": list(idx), "step": step,
+            "explanation": explanation_context({"slices": slices}, study, learned, lung_labels, lesion_mask)}
+
+
+def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.ndarray,
+                 lesion_mask: np.ndarray, learned=None, figures: dict[str, Any] | None = None) -> str:
+    """The self-contained HTML report. ``figures``: :func:`report_figures` of the same result, when already
+    rendered (computed here otherwise)."""
+    slices = result["slices"]
+    q = result["quantification"]
+    if figures is None:
+        figures = report_figures(slices, study, lung_labels, lesion_mask, learned)
+    gallery, idx, step = figures["gallery"], figures["gallery_indices"], figures["step"]
     probs = [float(s["lesion_probability"]) for s in slices]
     patient = dict(result["patient"])
     patient["label_display"] = _DISPLAY.get(patient["label"], patient["label"])
@@ -315,7 +329,7 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         curve_svg=curve_svg(probs, marks=idx, y_max=1.0), slice_prob_source=result["models"]["slice_lesion_probability"],
         step=step, gallery=gallery, warnings=inp.get("warnings") or [], input_rows=input_rows,
         timing=result["timing_s"], version=__version__, schema_version=result["schema_version"],
-        **explanation_context(result, study, learned, lung_labels, lesion_mask),
+        **figures["explanation"],
         learned_models=(result["models"].get("learned") or {}),
         rule_result=patient.get("rule_result"), differential=patient.get("differential"),
         research=(patient.get("research_panel") or {}).get("m3lung_patient"),
