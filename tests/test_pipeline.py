@@ -139,6 +139,51 @@ def test_cli_batch_goes_on_after_a_failure(toy_nifti, tmp_path):
     assert not (tmp_path / "batch" / records[0]["output"] / "result.json").exists()
 
 
+def test_batch_resumes_skips_finished_and_redoes_changed_or_half_finished(toy_nifti, tmp_path, capsys):
+    """Issue 11 (batches): batch.json is written after every study; a rerun skips a study whose folder holds a
+    complete result of the same input and options, redoes one whose input changed or whose result is missing
+    (half-finished), and --redo runs everything again. Progress with an ETA goes to stderr."""
+    import shutil
+
+    from pneumoct.pipeline import diagnose_batch
+
+    path, _, _ = toy_nifti
+    a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
+    shutil.copy(path, a)
+    shutil.copy(path, b)
+    out = tmp_path / "batch"
+    seen = []
+
+    def on_study(rec, result, pos, total, per):
+        seen.append((rec["status"], pos, total, json.loads((out / "batch.json").read_text())["done"]))
+
+    opts = DiagnoseOptions(use_learned_models=False, write_report=False)
+    recs = diagnose_batch([a, b], out, opts, on_study=on_study)
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert seen == [("ok", 1, 2, 1), ("ok", 2, 2, 2)]  # batch.json already holds each study when it is reported
+    assert json.loads((out / "batch.json").read_text())["complete"] is True
+    t_a = (out / "a" / "result.json").stat().st_mtime_ns
+    # rerun: both finished -> skipped; then b changes and a's result is removed (half-finished) -> both redone
+    assert [r["status"] for r in diagnose_batch([a, b], out, opts)] == ["done_before", "done_before"]
+    assert (out / "a" / "result.json").stat().st_mtime_ns == t_a
+    shutil.copy(path, b)  # a new copy: new modification time, new fingerprint
+    (out / "a" / "result.json").unlink()
+    assert [r["status"] for r in diagnose_batch([a, b], out, opts)] == ["ok", "ok"]
+    # other options: not the same run
+    assert diagnose_batch([a], out, DiagnoseOptions(use_learned_models=False, write_report=False,
+                                                     peripheral_thickness_mm=12.0))[0]["status"] == "ok"
+    # the CLI: --redo runs again; stderr shows [k/n] progress
+    capsys.readouterr()
+    assert cli.main(["diagnose", str(a), str(b), "--out", str(out), "--no-report", "--no-models"]) == 0
+    cap = capsys.readouterr()
+    assert "[1/2]" in cap.err and "[2/2]" in cap.err
+    assert cli.main(["diagnose", str(a), str(b), "--out", str(out), "--no-report", "--no-models"]) == 0
+    assert "finished before" in capsys.readouterr().out
+    assert cli.main(["diagnose", str(a), str(b), "--out", str(out), "--no-report", "--no-models", "--redo"]) == 0
+    statuses = [r["status"] for r in json.loads((out / "batch.json").read_text())["studies"]]
+    assert statuses == ["ok", "ok"]
+
+
 def test_cli_entry_point_runs_as_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pneumoct", "diagnose", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True)

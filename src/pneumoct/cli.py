@@ -37,18 +37,29 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         _print_summary(result, out)
         return EXIT_OK
 
-    def report(rec: dict, result: dict | None) -> None:
-        if result is not None:
+    def report(rec: dict, result: dict | None, pos: int, total: int, per_study: float | None) -> None:
+        if rec["status"] == "done_before":
+            print(f"{out / rec['output']}: finished before (same input and options), not run again")
+        elif result is not None:
             _print_summary(result, out / rec["output"])
         elif rec["status"] == "refused":
             print(f"error: {rec['input']}: {rec['error']}", file=sys.stderr)
         else:
             print(f"error: {rec['input']}: internal error: {rec['error']}", file=sys.stderr)
+        eta = f", about {_duration(per_study * (total - pos))} left" if per_study and pos < total else ""
+        print(f"[{pos}/{total}] {rec['output']}: {rec['status']}{eta}", file=sys.stderr, flush=True)
 
-    records = diagnose_batch(args.inputs, out, opts, on_study=report)
-    n_bad = sum(r["status"] != "ok" for r in records)
-    print(f"batch: {len(records) - n_bad} ok, {n_bad} failed; summary in {out / 'batch.json'}")
+    records = diagnose_batch(args.inputs, out, opts, on_study=report, resume=not args.redo)
+    n_bad = sum(r["status"] not in ("ok", "done_before") for r in records)
+    n_before = sum(r["status"] == "done_before" for r in records)
+    print(f"batch: {len(records) - n_bad} ok ({n_before} finished before), {n_bad} failed; "
+          f"summary in {out / 'batch.json'}")
     return EXIT_OK if n_bad == 0 else EXIT_INPUT
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
 def _print_summary(result: dict[str, Any], out: Path) -> None:
@@ -155,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="DICOM folder, .zip of one, multi-frame DICOM, NIfTI, NRRD or MHA/MHD; several = a batch")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per study in a batch)")
+    p.add_argument("--redo", action="store_true",
+                   help="a batch re-runs every study (default: a study whose folder holds a complete result of the "
+                   "same input files and options is skipped)")
     p.add_argument("--peripheral-thickness-mm", type=float, default=10.0,
                    help="peripheral band for the DeepSC-COVID peripheral lesion ratio (default 10 mm)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")

@@ -5,6 +5,7 @@ names and renamed; ``result.json`` is written last, so a folder without it is no
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -428,8 +429,11 @@ def learned_patient_result(learned: LearnedOutput, rule_result: dict[str, Any]) 
     }
 
 
-def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptions | None = None) -> dict[str, Any]:
-    """Read ``input_path``, analyse it and write result.json, report.html, lung_mask.nii.gz, lesion_mask.nii.gz."""
+def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptions | None = None, *,
+             run_key: str | None = None) -> dict[str, Any]:
+    """Read ``input_path``, analyse it and write result.json, report.html, lung_mask.nii.gz, lesion_mask.nii.gz.
+    ``run_key`` (:func:`run_key`) is recorded in ``result.json`` (``input.run_key``) so a resumed batch can
+    recognise the finished study."""
     opts = options or DiagnoseOptions()
     timing: dict[str, float] = {}
     t_total = time.perf_counter()
@@ -440,6 +444,8 @@ def diagnose(input_path: str | Path, out_dir: str | Path, options: DiagnoseOptio
     timing["read"] = time.perf_counter() - t
     log.info("read %s study: %d slices", study.source_format, study.shape[0])
     out = analyse_study(study, opts, timing)
+    if run_key is not None:
+        out.result["input"]["run_key"] = run_key
     return write_outputs(out, out_dir, report=opts.write_report, masks=opts.write_masks, timing=timing,
                          t_start=t_total)
 
@@ -456,30 +462,87 @@ def batch_folder_name(path: str | Path, used: set[str]) -> str:
     return unique_safe_name(stem, used, "study")
 
 
+def input_fingerprint(path: str | Path) -> str:
+    """A cheap fingerprint of an input on disk: sha256 over the relative path, size and modification time of every
+    file under it (a file: itself). Changes when a file is added, removed, replaced or touched."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for f in files:
+        st = f.stat()
+        rel = f.name if f == p else str(f.relative_to(p))
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def run_key(path: str | Path, options: DiagnoseOptions) -> str:
+    """What a finished result must match to be reused by a resumed batch: the input's fingerprint, the options and
+    the pneumoct version."""
+    import dataclasses
+    import hashlib
+
+    blob = json.dumps({"input": input_fingerprint(path), "options": dataclasses.asdict(options),
+                       "version": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _finished(folder: Path, key: str) -> dict[str, Any] | None:
+    """The complete result.json of an earlier run of the same input and options in ``folder``, else None."""
+    try:
+        res = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or (res.get("input") or {}).get("run_key") != key:
+        return None
+    if any(not (folder / name).is_file() for name in res.get("outputs") or []):
+        return None
+    return res
+
+
 def diagnose_batch(inputs: list[str | Path], out_dir: str | Path, options: DiagnoseOptions | None = None, *,
-                   on_study: Any = None) -> list[dict[str, Any]]:
+                   on_study: Any = None, resume: bool = True) -> list[dict[str, Any]]:
     """Diagnose several studies, each into ``out_dir/<name>``; a refused or failed study is recorded and the batch
-    goes on. The models are loaded once for the whole batch (cached per process). Writes ``out_dir/batch.json``
-    and returns its records; ``on_study(record, result_or_None)`` is called after each study."""
+    goes on. The models are loaded once for the whole batch (cached per process). ``out_dir/batch.json`` is
+    rewritten after every study (so an interrupted batch shows how far it got); with ``resume`` a study whose
+    folder already holds a complete result of the same input (fingerprint: files, sizes, times) and options is
+    not run again (status ``done_before``), and a half-finished one is redone. ``on_study(record, result_or_None,
+    position, total, seconds_per_study)`` is called after each study. Returns the records."""
+    opts = options or DiagnoseOptions()
     out_dir = Path(out_dir)
     used: set[str] = set()
-    records = []
-    for path in inputs:
+    records: list[dict[str, Any]] = []
+    run_times: list[float] = []
+    for i, path in enumerate(inputs):
         name = batch_folder_name(path, used)
         result = None
+        t0 = time.perf_counter()
         try:
-            result = diagnose(path, out_dir / name, options)
-            rec = {"input": str(path), "output": name, "status": "ok", "label": result["patient"]["label"]}
+            key = run_key(path, opts) if Path(path).exists() else None
+            done = _finished(out_dir / name, key) if (resume and key) else None
+            if done is not None:
+                result = done
+                rec = {"input": str(path), "output": name, "status": "done_before", "label": done["patient"]["label"]}
+            else:
+                result = diagnose(path, out_dir / name, opts, run_key=key)
+                rec = {"input": str(path), "output": name, "status": "ok", "label": result["patient"]["label"]}
+                run_times.append(time.perf_counter() - t0)
         except PneumoctInputError as exc:
             rec = {"input": str(path), "output": name, "status": "refused", "code": exc.code, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a batch must go on and record what failed
             rec = {"input": str(path), "output": name, "status": "failed",
                    "error": " ".join(f"{type(exc).__name__}: {exc}".split())}
         records.append(rec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "batch.json", {"studies": records, "done": len(records), "total": len(inputs),
+                                            "complete": len(records) == len(inputs)})
         if on_study is not None:
-            on_study(rec, result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "batch.json", {"studies": records})
+            per = sum(run_times) / len(run_times) if run_times else None
+            on_study(rec, result, i + 1, len(inputs), per)
+    if not inputs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "batch.json", {"studies": [], "done": 0, "total": 0, "complete": True})
     return records
 
 
