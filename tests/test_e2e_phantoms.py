@@ -95,16 +95,12 @@ def test_healthy_phantoms_at_demo_settings_are_ct0_and_healthy(tmp_path):
         assert result["quantification"]["lesion_count"] == 0
 
 
-
-def test_healthy_phantom_512_with_lateral_hilum_is_ct0(tmp_path):
-    """A 512 px healthy phantom (seed 211, case 1) whose right hilar bronchus and artery reach more than 30 mm out of
-    the mediastinum was CT-1 with 8 mL of "consolidation" and a CAP headline when the hilar rule looked 30 mm deep;
-    it must be CT-0 with a healthy headline through the diagnose path. (The case that set the depth to 40 mm: a
-    regression test, not a held-out figure.)"""
+def _assert_healthy_phantom_is_ct0(tmp_path, seed: int, matrix: int) -> None:
+    """Healthy phantom (case 1 of ``seed``, 80 slices) through the diagnose path: CT-0, zone score 0, healthy."""
     from pneumoct.synth.phantom import PhantomConfig, generate_phantom
     from pneumoct.synth.writer import case_seed, write_case
 
-    ph = generate_phantom(PhantomConfig(label="healthy", seed=case_seed(211, 1), matrix=512, n_slices=80))
+    ph = generate_phantom(PhantomConfig(label="healthy", seed=case_seed(seed, 1), matrix=matrix, n_slices=80))
     write_case(ph, tmp_path, "c", formats=("nifti",))
     del ph
     result = diagnose(tmp_path / "c" / "image.nii.gz", tmp_path / "o",
@@ -112,6 +108,14 @@ def test_healthy_phantom_512_with_lateral_hilum_is_ct0(tmp_path):
     sev = result["quantification"]["severity"]
     assert sev["mosmed_grade"] == "CT-0" and sev["ctss_zones_total"] == 0, sev
     assert result["patient"]["label"] == "healthy", result["patient"]["headline"]
+
+
+def test_healthy_phantom_512_with_lateral_hilum_is_ct0(tmp_path):
+    """A 512 px healthy phantom (seed 211, case 1) whose right hilar bronchus and artery reach more than 30 mm out of
+    the mediastinum was CT-1 with 8 mL of "consolidation" and a CAP headline when the hilar rule looked 30 mm deep;
+    it must be CT-0 with a healthy headline through the diagnose path. (The case that set the depth to 40 mm: a
+    regression test, not a held-out figure.)"""
+    _assert_healthy_phantom_is_ct0(tmp_path, seed=211, matrix=512)
 
 
 def test_healthy_phantom_256_with_svc_beside_a_narrow_mediastinum_is_ct0(tmp_path):
@@ -120,17 +124,7 @@ def test_healthy_phantom_256_with_svc_beside_a_narrow_mediastinum_is_ct0(tmp_pat
     and the threshold baseline kept 48 mL of "consolidation": CT-1, headline CAP. Generator 1.1 attaches mediastinal
     tubes to the mediastinum and blurs in mm; the case must be CT-0 with a healthy headline through the diagnose
     path. (A regression test on a seed used to design the fix, not a held-out figure.)"""
-    from pneumoct.synth.phantom import PhantomConfig, generate_phantom
-    from pneumoct.synth.writer import case_seed, write_case
-
-    ph = generate_phantom(PhantomConfig(label="healthy", seed=case_seed(101, 1), matrix=256, n_slices=80))
-    write_case(ph, tmp_path, "c", formats=("nifti",))
-    del ph
-    result = diagnose(tmp_path / "c" / "image.nii.gz", tmp_path / "o",
-                      DiagnoseOptions(write_report=False, write_masks=False))
-    sev = result["quantification"]["severity"]
-    assert sev["mosmed_grade"] == "CT-0" and sev["ctss_zones_total"] == 0, sev
-    assert result["patient"]["label"] == "healthy", result["patient"]["headline"]
+    _assert_healthy_phantom_is_ct0(tmp_path, seed=101, matrix=256)
 
 
 def test_study_outside_the_headline_calibration_data_is_flagged(cohort):

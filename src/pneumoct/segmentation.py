@@ -356,6 +356,12 @@ def _class_names(segmenter: Segmenter, binary: bool) -> dict[str, str]:
     return {"0": "background", str(LESION_GGO): "ggo", str(LESION_CONSOLIDATION): "consolidation"}
 
 
+def lung_margin_px(spacing) -> int:
+    """``DEFAULT_LUNG_MARGIN_MM`` in in-plane pixels of a study with ``spacing`` (z, y, x) mm (at least 1)."""
+    pixel_mm = float(min(spacing[1], spacing[2]))
+    return max(1, int(round(DEFAULT_LUNG_MARGIN_MM / max(pixel_mm, 1e-3))))
+
+
 def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, threshold: float = 0.5,
                   timing: dict[str, float] | None = None):
     """Lungs, then lesions inside them (lung limit ``DEFAULT_LUNG_MARGIN_MM``), for a HU study already read: the
@@ -374,8 +380,7 @@ def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, th
         t = time.perf_counter()
         segmenter = segmenter()
         timing["wait_model"] = time.perf_counter() - t
-    pixel_mm = float(min(study.spacing[1], study.spacing[2]))
-    margin = max(1, int(round(DEFAULT_LUNG_MARGIN_MM / max(pixel_mm, 1e-3))))
+    margin = lung_margin_px(study.spacing)
     seg = segment_volume(study.hu, lungs, segmenter, threshold=threshold, lung_margin_px=margin)
     timing.update({k: v for k, v in seg.timing.items()})
     mask = seg.mask

@@ -9,7 +9,7 @@ per-iteration or per-epoch learning-rate schedules, BatchNorm recalibration befo
 best tracking on ``train.monitor``, early stopping, ``metrics.json`` after every epoch.
 
     state = run_epochs(model, plugin, opt, sched, cfg.train, run, device)
-    best = recalibrate_best_at_end(run, cfg, plugin, cfg.train, device, state.best, save)
+    best, bn_info = recalibrate_best_at_end(run, cfg, plugin, device, state.best, brief)
 """
 from __future__ import annotations
 
@@ -176,15 +176,21 @@ def run_epochs(model: torch.nn.Module, plugin: TaskPlugin, opt: torch.optim.Opti
     return st
 
 
-def recalibrate_best_at_end(best_model: torch.nn.Module, plugin: TaskPlugin, t: Any, device: torch.device,
-                            best: dict | None, save: Callable[[torch.nn.Module, dict], None],
+def recalibrate_best_at_end(run: Any, cfg: Any, plugin: TaskPlugin, device: torch.device, best: dict | None,
                             brief: Callable[[dict], dict]) -> tuple[dict | None, dict]:
-    """``train.bn_recalibrate: end``: re-estimate the best model's BatchNorm statistics once and keep them only if
-    the monitored validation metric does not get worse (``save(model, best)`` then writes it). Returns
-    ``(best, info)`` for ``metrics.json``."""
+    """``train.bn_recalibrate: end``: re-estimate the BatchNorm statistics of the best checkpoint in ``run.best``
+    once and keep them (rewriting the checkpoint) only if the monitored validation metric does not get worse.
+    Returns ``(best, info)`` for ``metrics.json``."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    t = cfg.train
     info: dict[str, Any] = {"mode": t.bn_recalibrate}
     recal_ds = plugin.recalibration_data()
-    if t.bn_recalibrate != "end" or recal_ds is None or not has_batchnorm(best_model):
+    if t.bn_recalibrate != "end" or recal_ds is None:
+        return best, info
+    best_model, best_info = load_checkpoint(run.best, expected_name=cfg.model.name)
+    best_model.to(device)
+    if not has_batchnorm(best_model):
         return best, info
     before = plugin.evaluate(best_model)
     cand = recalibrated_copy(best_model, recal_ds, t, device)
@@ -193,8 +199,8 @@ def recalibrate_best_at_end(best_model: torch.nn.Module, plugin: TaskPlugin, t: 
     info.update({"before": brief(before), "after": brief(after), "kept": bool(keep)})
     if keep:
         best = {**(best or {}), **brief(after), "bn_recalibrated": True}
-        save(cand, best)
+        save_checkpoint(run.best, cand, cfg.model.name, cfg.model.kwargs,
+                        {**best_info["meta"], "val": best, "bn_recalibrated": True})
     log.info("BatchNorm recalibration: %s %s -> %s (%s)", t.monitor, _f(plugin.monitor(before)),
              _f(plugin.monitor(after)), "kept" if keep else "discarded")
     return best, info
-

@@ -386,14 +386,7 @@ def fit(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
         history, best, stopped = st.history, st.best, st.stopped
 
         # ------------------------------------------------------------------ BatchNorm recalibration (end)
-        best_model, best_info = load_checkpoint(run.best, expected_name=cfg.model.name)
-        best_model.to(device)
-
-        def save_recalibrated(m: torch.nn.Module, b: dict) -> None:
-            save_checkpoint(run.best, m, cfg.model.name, cfg.model.kwargs, {**best_info["meta"], "val": b,
-                                                                            "bn_recalibrated": True})
-
-        best, bn_info = recalibrate_best_at_end(best_model, plugin, t, device, best, save_recalibrated, _brief)
+        best, bn_info = recalibrate_best_at_end(run, cfg, plugin, device, best, _brief)
         metrics = {"status": "done", "history": history, "best": best, "early_stopped": stopped,
                    "bn_recalibration": bn_info, "monitor": t.monitor}
         run.write_json("metrics.json", metrics)

@@ -66,7 +66,7 @@ def table_from_ctmd_pseudo(root: str | Path | None = None, size: int = 128, *,
     from ..preprocess.lung_mask import segment_lungs
     from ..preprocess.slice_input import crop_slice
     from ..quantify.threshold_baseline import find_lesions_threshold
-    from ..segmentation import DEFAULT_LUNG_MARGIN_MM, load_segmenter, segment_volume
+    from ..segmentation import load_segmenter, lung_margin_px, segment_volume
     from .ctmd import _CTMD_STUDIES, COVID_CT_MD_ROOT, _ctmd_label_rows
     from .table import _table, class_index
 
@@ -90,8 +90,7 @@ def table_from_ctmd_pseudo(root: str | Path | None = None, size: int = 128, *,
         net = None
         seg = load_segmenter(agree) if (agree / "model.json").is_file() else None
         if seg is not None:  # as `pneumoct segment` runs it (its lung limit)
-            margin = max(1, int(round(DEFAULT_LUNG_MARGIN_MM / float(min(study.spacing[1], study.spacing[2])))))
-            net = segment_volume(study.hu, lungs, seg, lung_margin_px=margin).mask
+            net = segment_volume(study.hu, lungs, seg, lung_margin_px=lung_margin_px(study.spacing)).mask
         else:
             log.warning("pseudo-labels: no agreement model at %s; threshold voxels used alone", agree)
         pm = pseudo_masks_for_study(thr, lungs, sl, lobes, net, min_pixels)
