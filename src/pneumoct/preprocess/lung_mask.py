@@ -543,7 +543,11 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     lab, n = ndi.label(out, structure=_STRUCT_2D_8)
     if n:
         touching = np.zeros(n + 1, bool)
-        touching[np.unique(lab[ndi.binary_dilation(m) & out])] = True
+        # the dilation only on the pockets' box (+1 px): the same pixels as on the whole slice, ~10x cheaper
+        rs, cs = py[keep_px], px[keep_px]
+        box = (slice(max(int(rs.min()) - 1, 0), int(rs.max()) + 2),
+               slice(max(int(cs.min()) - 1, 0), int(cs.max()) + 2))
+        touching[np.unique(lab[box][ndi.binary_dilation(m[box]) & out[box]])] = True
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         touching &= sizes <= max_pocket_fraction * m.sum()
         if basal and intensity is not None:
@@ -590,10 +594,14 @@ def _close_per_slice(mask: np.ndarray, radius_px: float, allowed: np.ndarray,
             cols = np.nonzero(m.any(axis=0))[0]
             r0, r1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, m.shape[0])
             c0, c1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, m.shape[1])
-            sub = np.pad(m[r0:r1, c0:c1], pad)  # pad so the closing does not stick to the crop border
+            # the crop reaches `pad` (> radius + 1) px beyond the lung, so the dilated lung never touches its border
+            # and the closing cannot stick to it; only where the image edge cut the crop short is it padded
+            top, left = pad - (rows[0] - r0), pad - (cols[0] - c0)
+            bottom, right = pad - (r1 - 1 - rows[-1]), pad - (c1 - 1 - cols[-1])
+            sub = np.pad(m[r0:r1, c0:c1], ((top, bottom), (left, right)))
             dilated = ndi.distance_transform_edt(~sub) <= radius_px
             closed = ndi.distance_transform_edt(dilated) > radius_px
-            closed = closed[pad:-pad, pad:-pad] & allowed[z, r0:r1, c0:c1]
+            closed = closed[top : top + r1 - r0, left : left + c1 - c0] & allowed[z, r0:r1, c0:c1]
             out[z, r0:r1, c0:c1] = m[r0:r1, c0:c1] | closed
             if centres is not None and np.isfinite(centres[z]).all():
                 # "basal": small lung cross-sections below the slice of largest area (the diaphragm domes)
@@ -665,7 +673,8 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     blocked = organ_dome_holes(body, labels_work > 0)
     # a lung whose aerated part is less than `small_lung_fraction` of the other's is mostly filled by disease (or
     # collapsed): its 2D holes are consolidation far more likely than an organ dome, so the dome guard is off there
-    n_aer = {lab_id: int(np.count_nonzero(labels_work == lab_id)) for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
+    counts = np.bincount(labels_work.ravel(), minlength=3)
+    n_aer = {lab_id: int(counts[lab_id]) for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
     guard = {lab_id: None if 0 < n_aer[lab_id] < p.small_lung_fraction * n_aer[3 - lab_id] else blocked
              for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
     info["dome_guard_off"] = [name for name, lab_id in (("right", LUNG_RIGHT), ("left", LUNG_LEFT))
@@ -681,7 +690,8 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     labels_work[airway] = 0
 
     labels = _upsample_labels(labels_work, factor, hu.shape)
-    volumes = {name: round(float(np.count_nonzero(labels == lab_id) * study.voxel_volume_ml), 1)
+    counts = np.bincount(labels.ravel(), minlength=3)
+    volumes = {name: round(float(counts[lab_id] * study.voxel_volume_ml), 1)
                for name, lab_id in (("right_ml", LUNG_RIGHT), ("left_ml", LUNG_LEFT))}
     info["volumes"] = volumes
     return LungMaskResult(labels=np.ascontiguousarray(labels, dtype=np.uint8), body_work=body, airway_work=airway,
