@@ -332,11 +332,12 @@ def test_gantry_tilt_from_sheared_positions_is_resampled(tmp_path):
     assert f"{expected:.1f} degrees" in msg and "resampled" in msg and "not resampled" not in msg
     assert study.metadata["gantry_tilt_deg"] == pytest.approx(expected, abs=0.01)
     assert study.spacing[0] == pytest.approx(2.5)
-    # the grid hangs from the first slice along the normal (the most inferior one): it is not moved, the others are
-    np.testing.assert_array_equal(study.hu[-1], info.hu[-1])
-    assert not np.array_equal(study.hu[0], info.hu[0])
+    # the grid hangs from the middle slice along the normal (acquisition index 8 = canonical 7): it is not moved,
+    # the others are
+    np.testing.assert_array_equal(study.hu[7], info.hu[7])
+    assert not np.array_equal(study.hu[0], info.hu[0]) and not np.array_equal(study.hu[-1], info.hu[-1])
     np.testing.assert_allclose([s.position_mm for s in study.slices], info.z_positions)
-    assert study.origin[1] == pytest.approx(-30.0 + 0.5 * 15)
+    assert study.origin[1] == pytest.approx(-30.0 + 0.5 * 7)
 
 
 def test_values_that_are_not_hu_are_refused(tmp_path):

@@ -3,7 +3,8 @@
 * **Gantry tilt**: a tilted acquisition has parallel slice planes, but each slice's ImagePositionPatient is
   displaced within the slice plane relative to the normal through the first slice (the stack is sheared). Each
   slice is shifted in-plane by that displacement (linear interpolation, :data:`.dicom_stack.TILT_FILL_HU` where no
-  image data), as dcm2niix does, so voxel [k, i, j] lies at ``first position + k·dz·normal + in-plane offsets``.
+  image data), as dcm2niix does, so voxel [k, i, j] lies at ``reference position + (k - ref)·dz·normal + in-plane
+  offsets`` (reference: the middle slice).
 * **Missing slices**: each gap announced by :func:`.dicom_stack._spacing_checks` gets its missing slice positions
   back, filled by linear interpolation between the two real slices around it. The caller marks these slices
   (``SliceInfo.interpolated``) so no lesion is measured on them.
@@ -31,13 +32,15 @@ def shift_tilted_slices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Shift each slice in-plane so the stack is orthogonal along ``normal``.
 
-    Returns the shifted int16 stack and each slice's new position (n, 3): the first slice's position moved along the
-    normal only. Stored pixel (i, j) of slice k lies at ``ipp_k + i·ps_row·col_dir + j·ps_col·row_dir``; with
+    The grid hangs from the middle slice (it is not moved; the others move toward it): the largest shift, and so
+    the strip of field of view lost at the image edge, is half of what hanging it from an end slice would give.
+    Returns the shifted int16 stack and each slice's new position (n, 3): the middle slice's position moved along
+    the normal only. Stored pixel (i, j) of slice k lies at ``ipp_k + i·ps_row·col_dir + j·ps_col·row_dir``; with
     ``ipp_k = target_k + a·ps_row·col_dir + b·ps_col·row_dir`` the target pixel (i, j) is the stored pixel
     (i - a, j - b), i.e. ``ndimage.shift(slice, (a, b))``.
     """
     ps_row, ps_col = pixel_spacing
-    offsets = _in_plane_offsets(frames, normal)
+    offsets = _in_plane_offsets(frames, normal, ref=len(frames) // 2)
     shift_rows = offsets @ col_dir / ps_row
     shift_cols = offsets @ row_dir / ps_col
     out = pixels.copy()

@@ -135,10 +135,10 @@ def _gap_warning(gaps: list[dict[str, Any]], median: float) -> InputWarning:
     )
 
 
-def _in_plane_offsets(frames: Sequence[_Frame], normal: np.ndarray) -> np.ndarray:
-    """(n, 3): each slice's ImagePositionPatient minus that of the first, less its component along the normal —
+def _in_plane_offsets(frames: Sequence[_Frame], normal: np.ndarray, ref: int = 0) -> np.ndarray:
+    """(n, 3): each slice's ImagePositionPatient minus that of slice ``ref``, less its component along the normal —
     the in-plane displacement a gantry tilt puts between the slices (zero for an orthogonal stack)."""
-    d = np.array([f.ipp - frames[0].ipp for f in frames], dtype=float)  # type: ignore[operator]
+    d = np.array([f.ipp - frames[ref].ipp for f in frames], dtype=float)  # type: ignore[operator]
     return d - np.outer(d @ normal, normal)
 
 
@@ -149,7 +149,7 @@ def _tilt_checks(
     tag = _float(meta.get("gantry_detector_tilt_deg"), 0.0) or 0.0
     offsets = _in_plane_offsets(frames, normal)
     along = float(proj[-1] - proj[0])
-    shear = float(np.linalg.norm(offsets[-1]))
+    shear = float(np.linalg.norm(offsets[-1]))  # first to last slice
     geom = float(np.degrees(np.arctan2(shear, abs(along)))) if along or shear else 0.0
     if geom > TILT_MIN_DEG:
         if geom > MAX_TILT_DEG:
