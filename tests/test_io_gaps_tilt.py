@@ -154,6 +154,17 @@ def test_tilted_stack_is_resampled_onto_the_untilted_anatomy(tmp_path, tilt):
     assert abs(ndimage.center_of_mass(raw[0])[0] - row_offset - ndimage.center_of_mass(truth[0])[0]) > 5
 
 
+def test_tilted_image_planes_get_the_spacing_along_their_normal(tmp_path):
+    # the other way scanners write a tilt: ImageOrientationPatient tilted, positions along the table (true z)
+    t = np.radians(15.0)
+    F.write_series(tmp_path / "s", col_dir=(0, np.cos(t), np.sin(t)), seed=39)
+    study = read_study(tmp_path / "s")
+    assert "15.0 degrees" in warning(study, "gantry_tilt")
+    assert study.spacing[0] == pytest.approx(2.5 * np.cos(t))
+    # the slice axis is the tilted normal, not the table axis
+    np.testing.assert_allclose(np.abs(study.direction[:, 2]), [0, np.sin(t), np.cos(t)], atol=1e-6)
+
+
 def test_tilt_above_the_limit_is_refused(tmp_path):
     step = 2.5 * np.tan(np.radians(MAX_TILT_DEG + 5))
 
