@@ -241,6 +241,46 @@ def write_series(
     )
 
 
+def write_tilted_series(
+    folder: Path,
+    hu: np.ndarray,
+    tilt_deg: float,
+    *,
+    pixel_spacing: float = 0.7,
+    slice_spacing: float = 2.5,
+    top_z: float = 100.0,
+    xy_origin: tuple[float, float] = (-22.0, -30.0),
+    **kwargs,
+) -> SeriesInfo:
+    """The canonical phantom ``hu`` as a gantry-tilted scanner stores it (GE/Siemens style, as dcm2niix describes):
+    axial ImageOrientationPatient, slices at the true z positions, but each slice's field of view slides along y
+    by ``dz·tan(tilt)`` per slice, so ImagePositionPatient is sheared and the content of slice k is the anatomy
+    shifted up by ``k·dz·tan(tilt)/pixel_spacing`` rows (linear interpolation). Default orientation only.
+    A correct reader that undoes the shear gives back ``hu`` up to interpolation blur and the rows that slid out.
+    """
+    from scipy import ndimage
+
+    step = slice_spacing * float(np.tan(np.radians(tilt_deg)))  # mm of y shift per slice
+    tilted = np.stack(
+        [
+            np.rint(ndimage.shift(hu[k].astype(np.float32), (-k * step / pixel_spacing, 0.0), order=1, mode="nearest"))
+            for k in range(hu.shape[0])
+        ]
+    ).astype(np.int16)
+
+    def shear(ds: Dataset, k: int) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, round(y + k * step, 6), z]
+        ds.GantryDetectorTilt = tilt_deg
+
+    info = write_series(
+        folder, tilted, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, top_z=top_z, xy_origin=xy_origin,
+        edit=shear, **kwargs,
+    )
+    info.hu = hu  # the anatomy the files encode
+    return info
+
+
 def write_single_image(
     path: Path,
     image: np.ndarray,

@@ -235,19 +235,22 @@ def test_only_coronal_series_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_missing_slices_are_reported_not_interpolated(tmp_path):
-    info = F.write_series(tmp_path / "s", n_slices=16, seed=12)
+def test_missing_slices_are_interpolated_and_reported(tmp_path):
+    info = F.write_series(tmp_path / "s", n_slices=24, seed=12)
     info.paths[6].unlink()
     info.paths[7].unlink()
     study = read_study(tmp_path / "s")
-    assert study.shape[0] == 14
+    assert study.shape[0] == 24  # the two missing positions are back (interpolated)
     msg = warning(study, "missing_slices")
-    assert "about 2 slice(s) missing" in msg
-    assert "between z=87.5 and z=80.0 mm" in msg and "near z=85.0, 82.5" in msg
+    assert "2 slice(s) missing" in msg and "interpolated" in msg
+    assert "z=85.0 to 82.5 mm (2 missing between z=87.5 and z=80.0 mm)" in msg
     assert study.spacing[0] == pytest.approx(2.5)
-    np.testing.assert_array_equal(study.hu, np.delete(info.hu, [6, 7], axis=0))
+    real = [k for k in range(24) if k not in (6, 7)]
+    np.testing.assert_array_equal(study.hu[real], info.hu[real])
+    assert [s.interpolated for s in study.slices][5:9] == [None, True, True, None]
+    np.testing.assert_allclose([s.position_mm for s in study.slices], info.z_positions)
     assert study.metadata["missing_slice_gaps"] == [
-        {"upper_z_mm": 87.5, "lower_z_mm": 80.0, "n_missing": 2, "missing_z_mm": [85.0, 82.5]}
+        {"upper_z_mm": 87.5, "lower_z_mm": 80.0, "n_missing": 2, "missing_z_mm": [85.0, 82.5], "missing_mm": 5.0}
     ]
 
 
@@ -307,24 +310,34 @@ def test_uneven_spacing_warns_and_uses_the_median(tmp_path):
     np.testing.assert_allclose([s.position_mm for s in study.slices], z)
 
 
-def test_gantry_tilt_from_tag(tmp_path):
+def test_gantry_tilt_tag_with_corrected_positions_is_not_resampled(tmp_path):
     info = F.write_series(tmp_path / "s", gantry_tilt=15.0, seed=19)
     study = read_study(tmp_path / "s")
     np.testing.assert_array_equal(study.hu, info.hu)
-    assert "15.0 degrees" in warning(study, "gantry_tilt")
+    msg = warning(study, "gantry_tilt")
+    assert "15.0 degrees" in msg and "not resampled" in msg
+    assert study.metadata["gantry_tilt_deg"] == 15.0 and study.metadata["gantry_tilt_resampled"] is False
 
 
-def test_gantry_tilt_from_sheared_positions(tmp_path):
+def test_gantry_tilt_from_sheared_positions_is_resampled(tmp_path):
+    # the shear alone (no GantryDetectorTilt tag): 0.5 mm of y per 2.5 mm slice
     def shear(ds, k):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y + 0.5 * k, z]
 
     info = F.write_series(tmp_path / "s", edit=shear, seed=20)
     study = read_study(tmp_path / "s")
-    np.testing.assert_array_equal(study.hu, info.hu)
     expected = np.degrees(np.arctan(0.5 / 2.5))
-    assert f"{expected:.1f} degrees" in warning(study, "gantry_tilt")
+    msg = warning(study, "gantry_tilt")
+    assert f"{expected:.1f} degrees" in msg and "resampled" in msg and "not resampled" not in msg
+    assert study.metadata["gantry_tilt_deg"] == pytest.approx(expected, abs=0.01)
     assert study.spacing[0] == pytest.approx(2.5)
+    # the grid hangs from the middle slice along the normal (acquisition index 8 = canonical 7): it is not moved,
+    # the others are
+    np.testing.assert_array_equal(study.hu[7], info.hu[7])
+    assert not np.array_equal(study.hu[0], info.hu[0]) and not np.array_equal(study.hu[-1], info.hu[-1])
+    np.testing.assert_allclose([s.position_mm for s in study.slices], info.z_positions)
+    assert study.origin[1] == pytest.approx(-30.0 + 0.5 * 7)
 
 
 def test_values_that_are_not_hu_are_refused(tmp_path):

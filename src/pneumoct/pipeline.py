@@ -25,7 +25,7 @@ from .preprocess.slice_input import SliceInputs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
 from .report.html import build_report
 from .rules import classify_by_rule
-from .types import CLASS_NAMES, StudyVolume
+from .types import CLASS_NAMES, StudyVolume, interpolated_slices
 
 log = logging.getLogger("pneumoct.pipeline")
 
@@ -99,7 +99,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     def threshold_stage():
         # beside the networks it keeps to one core (they get the others); alone it may use them all
         with thread_budget(1 if opts.use_learned_models else n_threads()):
-            finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+            finding = drop_lesions_on_interpolated(find_lesions_threshold(study.hu, lungs.labels, study.spacing),
+                                                   study)
         timing["threshold_lesions"] = time.perf_counter() - t_thr
         return finding, per_slice_lesion_area_mm2(finding.mask, study.spacing)
 
@@ -143,8 +144,9 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             finding = _not_segmented(study, gate)
         else:
             t = time.perf_counter()
-            seg_finding = learned_lesions(study, lungs.labels, opts.weights_dir, segmenter=opts.segmenter,
-                                          inputs=shared_inputs())
+            seg_finding = drop_lesions_on_interpolated(
+                learned_lesions(study, lungs.labels, opts.weights_dir, segmenter=opts.segmenter,
+                                inputs=shared_inputs()), study)
             timing["lesions"] = time.perf_counter() - t
             if seg_finding is None:
                 segmentation["fallback"] = "no segmenter installed: threshold baseline used"
@@ -169,6 +171,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     slices = []
     for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, threshold_prob)):
         entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
+        if info.interpolated:
+            entry["interpolated"] = True
         if info.sop_instance_uid:
             entry["sop_instance_uid"] = info.sop_instance_uid
         if info.frame_number is not None:
@@ -192,6 +196,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         entry["lesion_area_mm2"] = round(float(area), 2)
         if finding is not threshold_finding:
             entry["threshold_lesion_area_mm2"] = round(float(threshold_area[k]), 2)
+        if info.interpolated:  # a slice made up from its neighbours: no lesion is measured or scored on it
+            entry["lesion_probability"] = 0.0
         if learned.slice_class_probabilities is not None:
             cp = learned.slice_class_probabilities[k]
             entry["class_probabilities"] = None if np.isnan(cp).any() else {
@@ -284,6 +290,23 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     }
     return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask,
                           learned=learned, figures=figures)
+
+
+def drop_lesions_on_interpolated(finding, study: StudyVolume):
+    """Zero the lesion mask (and voxel probability) on slices the reader inserted to fill a gap of missing slices.
+
+    An inserted slice is a linear blend of its two real neighbours, not an image: lesion found there would be
+    invented, so lesion volume and per-slice areas count real slices only. The lung mask is left as computed so
+    that lung volume still spans the gap. ``finding`` None (no segmenter) passes through."""
+    if finding is None:
+        return None
+    inserted = interpolated_slices(study)
+    if inserted.any():
+        finding.mask[inserted] = 0
+        if finding.probability_map is not None:
+            finding.probability_map[inserted] = 0
+        finding.params["interpolated_slices_zeroed"] = int(inserted.sum())
+    return finding
 
 
 def learned_lesions(study: StudyVolume, lung_labels: np.ndarray, weights_dir: str | None = None, *,

@@ -35,6 +35,9 @@ class SliceInfo:
     ``position_mm`` is the slice's patient z coordinate (LPS, as DICOM ImagePositionPatient[2] gives it).
     ``sop_instance_uid`` and ``frame_number`` (1-based, multi-frame DICOM only) are set for DICOM input.
     ``source`` is the file name (not the path) the slice came from, when there was one per slice.
+    ``interpolated`` is True only on a slice the reader inserted to fill a gap of missing slices (linear
+    interpolation between its two real neighbours; it has no source image). It stays None on real slices so
+    their ``to_dict()`` (and result.json) is unchanged.
     """
 
     index: int
@@ -42,9 +45,15 @@ class SliceInfo:
     sop_instance_uid: str | None = None
     frame_number: int | None = None
     source: str | None = None
+    interpolated: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def interpolated_slices(study: "StudyVolume") -> np.ndarray:
+    """Boolean per z index: True where the slice was inserted by the reader (no source image behind it)."""
+    return np.array([bool(s.interpolated) for s in study.slices], dtype=bool)
 
 
 @dataclass

@@ -14,7 +14,11 @@ Pipeline
    fallback of the other), apply RescaleSlope/Intercept per file/frame.
 4. **Resolve** duplicated positions (identical pixels → drop; different pixels → keep the acquisition with the
    most slices if a header field tells them apart, else refuse), skip undecodable slices only at the ends of the
-   stack, check gaps, spacing regularity and gantry tilt, check Hounsfield plausibility.
+   stack, check gaps, spacing regularity and gantry tilt, check Hounsfield plausibility. Then **resample**: a
+   gantry-tilted (sheared) stack is shifted in-plane onto an orthogonal grid along the slice normal; small gaps of
+   missing slices are filled by linear interpolation between the real neighbours (inserted slices carry
+   ``SliceInfo.interpolated = True`` and no source image); large gaps and tilts are refused (limits in
+   :mod:`.dicom_stack`).
 5. **Canonicalise**: sort by ImagePositionPatient projected on the slice normal (never by file name or
    InstanceNumber), then transpose/flip rows, columns and slices into the canonical orientation of
    :mod:`pneumoct.types`.
@@ -22,7 +26,8 @@ Pipeline
 Modules
 -------
 Stage 1 is :mod:`.dicom_scan` (also the per-image records and header-value helpers), stage 2
-:mod:`.dicom_series`, stage 3 :mod:`.dicom_decode`, stage 4 :mod:`.dicom_stack`, the direction arithmetic of
+:mod:`.dicom_series`, stage 3 :mod:`.dicom_decode`, stage 4 :mod:`.dicom_stack` (checks) and
+:mod:`.dicom_resample` (tilt and gap resampling), the direction arithmetic of
 stage 5 :mod:`.dicom_geometry`; this module holds the entry points and re-exports the names other code imports
 from ``pneumoct.io.dicom``.
 """
@@ -75,10 +80,16 @@ from .dicom_series import (  # noqa: F401 - re-exported
     _Selection,
     _series_orientation,
 )
+from .dicom_resample import fill_gaps, shift_tilted_slices
 from .dicom_stack import (  # noqa: F401 - re-exported
     GAP_FACTOR,
+    MAX_GAP_MISSING_MM,
+    MAX_GAP_MISSING_SLICES,
+    MAX_MISSING_FRACTION,
+    MAX_TILT_DEG,
     OBLIQUE_MIN_DEG,
     POSITION_TOLERANCE_MM,
+    TILT_FILL_HU,
     TILT_MIN_DEG,
     UNEVEN_ABS_MM,
     UNEVEN_REL,
@@ -204,10 +215,12 @@ def read_dicom_files(
 
     check_hounsfield(pixels, what="the chosen series")
 
-    # canonical orientation
     iop = frames[0].iop
     row_dir, col_dir = _unit(iop[:3]), _unit(iop[3:])  # type: ignore[index]
     ps_row, ps_col = frames[0].pixel_spacing  # type: ignore[misc]
+    pixels, positions, source = _resample_stack(pixels, frames, proj, normal, spacing_z, details)
+
+    # canonical orientation
     vectors = [normal, col_dir, row_dir]  # array axes (slice, row, column)
     spacings = [spacing_z, ps_row, ps_col]
     perm, flips = canonical_transform(vectors)
@@ -226,17 +239,10 @@ def read_dicom_files(
     for t in range(3):
         if flips[t]:
             start[perm[t]] = shape_orig[perm[t]] - 1
-    origin = frames[start[0]].ipp + start[1] * ps_row * col_dir + start[2] * ps_col * row_dir  # type: ignore[operator]
-    order = list(range(len(frames)))[::-1] if flips[0] else list(range(len(frames)))
+    origin = positions[start[0]] + start[1] * ps_row * col_dir + start[2] * ps_col * row_dir
+    order = list(range(len(source)))[::-1] if flips[0] else list(range(len(source)))
     slices = [
-        SliceInfo(
-            index=k,
-            position_mm=float(frames[i].ipp[2]),  # type: ignore[index]
-            sop_instance_uid=frames[i].sop_uid,
-            frame_number=(frames[i].frame + 1) if frames[i].frame is not None else None,
-            source=frames[i].path.name,
-        )
-        for k, i in enumerate(order)
+        _slice_info(k, positions[i], None if source[i] is None else frames[source[i]]) for k, i in enumerate(order)
     ]
     multiframe = any(f.n_frames > 1 for f in frames)
     metadata = dict(meta)
@@ -266,6 +272,9 @@ def read_dicom_files(
         }
     )
     metadata.update(details)
+    n_inserted = sum(i is None for i in source)
+    if n_inserted:
+        metadata["n_interpolated_slices"] = n_inserted
     study = StudyVolume(
         hu=hu,
         spacing=spacing,  # type: ignore[arg-type]
@@ -279,6 +288,43 @@ def read_dicom_files(
     for w in warnings:
         logger.info("input warning [%s] %s", w.code, w.message)
     return study
+
+
+def _resample_stack(
+    pixels: np.ndarray,
+    frames: Sequence[_Frame],
+    proj: np.ndarray,
+    normal: np.ndarray,
+    spacing_z: float,
+    details: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+    """Undo a gantry tilt's shear, then fill small gaps (both announced by :func:`_spacing_checks`).
+
+    Returns (stack, LPS position of each slice's first pixel, index into ``frames`` of each slice or None where
+    the slice was inserted)."""
+    positions = np.array([f.ipp for f in frames], dtype=float)
+    if details.get("gantry_tilt_resampled"):
+        iop = frames[0].iop
+        row_dir, col_dir = _unit(iop[:3]), _unit(iop[3:])  # type: ignore[index]
+        pixels, positions = shift_tilted_slices(
+            pixels, frames, normal, row_dir, col_dir, frames[0].pixel_spacing  # type: ignore[arg-type]
+        )
+    if "missing_slice_gaps" in details:
+        return fill_gaps(pixels, positions, proj, spacing_z)
+    return pixels, positions, list(range(pixels.shape[0]))
+
+
+def _slice_info(index: int, position: np.ndarray, frame: _Frame | None) -> SliceInfo:
+    """The SliceInfo of canonical slice ``index``; ``frame`` None for a slice inserted in a gap."""
+    if frame is None:
+        return SliceInfo(index=index, position_mm=float(position[2]), interpolated=True)
+    return SliceInfo(
+        index=index,
+        position_mm=float(position[2]),
+        sop_instance_uid=frame.sop_uid,
+        frame_number=(frame.frame + 1) if frame.frame is not None else None,
+        source=frame.path.name,
+    )
 
 
 def inspect_dicom_files(
@@ -316,7 +362,12 @@ def inspect_dicom_files(
     warnings.extend(dup_warnings)
     frames = [frames[i] for i in keep]
     proj = np.array([float(np.dot(f.ipp, normal)) for f in frames])
-    spacing_z, spacing_warnings, details = _spacing_checks(frames, proj, normal, chosen.series.meta)
+    try:
+        spacing_z, spacing_warnings, details = _spacing_checks(frames, proj, normal, chosen.series.meta)
+    except PneumoctInputError as err:  # large gap / large tilt: reading will refuse
+        info["refusal"] = {"code": err.code, "message": str(err)}
+        info["warnings"] = [w.to_dict() for w in warnings]
+        return info
     if scan.n_unreadable:
         warnings.append(
             InputWarning(
