@@ -139,7 +139,7 @@ def test_middle_slab_of_a_phantom_is_analysed_as_partial(phantom_study, tmp_path
     d.save(tmp_path / "out", masks=False)
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert "Partial lung coverage:" in html and f"{res['coverage']['scan_extent_mm']:g} mm" in html
-    assert WITHHELD_REASON in html
+    assert WITHHELD_REASON in html and "(of the scanned lung)" in html
 
 
 def test_ten_slice_slab_file_is_read_and_analysed(phantom_study, tmp_path):

@@ -286,7 +286,8 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
     grade = (f"{sev.get('mosmed_grade', '—')} ({sev.get('mosmed_description', '')})"
              if sev.get("mosmed_grade") is not None else f"— ({sev.get('withheld_reason', 'not given')})")
     severity = {"grade": grade,
-                "percent": _fmt(sev.get("percent_lung_involved")),
+                "percent": _fmt(sev.get("percent_lung_involved"))
+                + (" (of the scanned lung)" if sev.get("partial") else ""),
                 "ctss": f"{_fmt(sev.get('ctss_zones_total'))} / {sev.get('ctss_zones_max', 30)}"}
     lung_ml = q.get("lung_volume_ml") or {}
     spread = q.get("lesion_centre_spread_mm") or {}
