@@ -65,7 +65,9 @@ def _duration(seconds: float) -> str:
 def _print_summary(result: dict[str, Any], out: Path) -> None:
     p = result["patient"]
     q = result["quantification"]
-    print(f"{out}: {p['label']} (source: {p['model']['name']}); lung {(q.get('lung_volume_ml') or {}).get('total')} mL, "
+    partial = " of the scanned part (partial lung coverage: no CT grade)" if q.get("partial") else ""
+    print(f"{out}: {p['label']} (source: {p['model']['name']}); lung {(q.get('lung_volume_ml') or {}).get('total')} mL"
+          f"{partial}, "
           f"lesion volume ratio {100 * float(q.get('lesion_volume_ratio') or 0):.2f}%, "
           f"{len(result['input']['warnings'])} input warning(s); report: {out / 'report.html'}")
 

@@ -125,7 +125,13 @@ def _consistency(out: dict, q: dict, rule: dict, m3lung: dict | None, mode: str)
         msgs.append({"code": "headline_vs_lesion_volume",
                      "message": f"The headline says no pneumonia pattern, but the lesion mask holds {in_lung:.1f} mL "
                                 f"inside the lungs (>= {LESION_CONTRADICTION_ML:g} mL): check the marked slices."})
-    if abnormal and int(sev.get("mosmed_level", 0) or 0) == 0:
+    if q.get("partial"):  # a slab or a study stopping above the bases: the call rests on the lung seen
+        msgs.append({"code": "partial_coverage",
+                     "message": f"Partial lung coverage: {q.get('partial_note', 'the lung is not fully scanned')}; "
+                                "the headline and the RSNA category are from the scanned lung only, and no CT grade "
+                                "is given for unseen lung."})
+    # a withheld grade (None, partial coverage) is no grade, not CT-0
+    if abnormal and sev.get("mosmed_level", 0) is not None and int(sev.get("mosmed_level", 0) or 0) == 0:
         msgs.append({"code": "headline_vs_severity",
                      "message": "The headline says abnormal, but the measured involvement is below the severity "
                                 "noise floor (CT-0): the call rests on little lesion."})
@@ -155,7 +161,10 @@ def _headline_text(out: dict) -> str:
         diff = out.get("differential") or {}
         cat = f"; RSNA: {diff.get('label')}" if diff.get("label") and out["headline_source"] == "burden" else ""
         text = f"Pneumonia: {_DISPLAY.get(label, label)} ({pr}{cat})"
-    if out.get("consistency"):
+    codes = {c["code"] for c in out.get("consistency") or []}
+    if codes - {"partial_coverage"}:
         text += " — see the notes below: the outputs do not all agree"
+    elif codes:
+        text += " — partial lung coverage: see the notes below"
     return text
 

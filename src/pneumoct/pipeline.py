@@ -23,6 +23,7 @@ from .parallel import Background, n_threads, thread_budget
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
 from .preprocess.slice_input import SliceInputs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
+from .quantify.coverage import coverage_warning, lung_coverage
 from .report.html import build_report
 from .rules import classify_by_rule
 from .types import CLASS_NAMES, StudyVolume, interpolated_slices
@@ -90,6 +91,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     timing["lungs"] = time.perf_counter() - t
     if not lungs.labels.any():
         raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")
+    # a slab, or a study that stops above the bases: analysed, but no whole-lung grade (pneumoct.quantify.coverage)
+    coverage = lung_coverage(lungs.labels, study.spacing)
 
     # the threshold baseline always runs (cheap): its per-slice area feeds the calibrated slice probability, the
     # gate's rule when no learned patient model is installed, and it is the fallback without a segmenter. It runs
@@ -213,7 +216,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
 
     # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
     q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
-                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0)
+                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0, coverage=coverage)
     timing["quantify"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -258,6 +261,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if slice_inputs:  # the recorded 2D input chain, as run (pneumoct.preprocess.slice_input.SliceInputs)
         models_used["slice_input_chain"] = slice_inputs[0].record()
     warnings = [w.to_dict() for w in study.warnings]
+    if not coverage["complete"]:
+        warnings.append(coverage_warning(coverage))
     for w in (segmentation.get("fingerprint") or {}).get("warnings", []):
         warnings.append({"code": w["code"], "message": w["message"]})
     if burden is not None:  # the headline calibration's data (3 real DICOM studies): is this study like them?
@@ -280,6 +285,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "volume": study.geometry_dict(),
         "models": models_used,
         "lung_segmentation": lungs.info,
+        "coverage": coverage,
         "segmentation": segmentation,
         "slices": slices,
         "patient": patient,

@@ -8,9 +8,12 @@
   in-lung lesion in components of at least ``DEFAULT_MIN_LESION_ML``; below the study noise floor
   (``NOISE_FLOOR_ML`` / ``NOISE_FLOOR_PERCENT``) the grade is CT-0 with CTSS 0, and a zone scores only above the zone
   floor (``ZONE_FLOOR_ML`` / ``ZONE_FLOOR_PERCENT``). The floors are this project's choice.
+* :func:`lung_coverage` — is the whole lung in the scan (``pneumoct.quantify.coverage``)? When it is not, ``quantify``
+  marks its measures partial and withholds the whole-lung grades.
 
 Definitions and conventions: ``docs/quantification.md``.
 """
+from pneumoct.quantify.coverage import lung_coverage
 from pneumoct.quantify.measures import (
     DEFAULT_MIN_LESION_ML,
     MOSMED_GRADES,
@@ -37,6 +40,7 @@ __all__ = [
     "inplane_disk",
     "THRESHOLD_METHOD",
     "quantify",
+    "lung_coverage",
     "label_lesions",
     "per_slice_lesion_area_mm2",
     "lesion_probability_from_area",

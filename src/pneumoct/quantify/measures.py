@@ -306,6 +306,7 @@ def quantify(
     bilateral_min_ml: float = 0.1,
     lesion_bilateral_fraction: float = 0.2,
     max_lesions_listed: int = 200,
+    coverage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantify lesions inside the lungs. Returns a JSON-serialisable dict (see ``docs/quantification.md``).
 
@@ -331,6 +332,9 @@ def quantify(
         lesion_bilateral_fraction: a single lesion is "bilateral" when each lung holds at least this fraction of
             its voxels, otherwise it takes the side holding the majority.
         max_lesions_listed: the per-lesion list keeps the largest this many (the count is not truncated).
+        coverage: :func:`pneumoct.quantify.coverage.lung_coverage` of the lung mask; when the lung is not
+            fully scanned the measures are marked ``partial`` and the MosMed grade and zone-score total are None
+            (:func:`~pneumoct.quantify.coverage.mark_partial`). None: the lung is taken as complete.
 
     Raises:
         ValueError: the lung mask is empty, shapes differ, labels, spacing or floors are invalid.
@@ -612,7 +616,7 @@ def quantify(
     les_r_ml, les_l_ml = n_les_right * voxel_ml, n_les_left * voxel_ml
     lvr = n_les / n_lung
 
-    return {
+    out = {
         "spacing_mm_zyx": [_r(s, 4) for s in sp],
         "voxel_volume_ml": _r(voxel_ml, 9),
         "lung_volume_ml": {
@@ -690,3 +694,8 @@ def quantify(
             "floors": "min_lesion_ml, noise and zone floors: this project's choice (docs/quantification.md)",
         },
     }
+    if coverage is not None:  # a partly scanned lung: measures marked partial, whole-lung grades withheld
+        from pneumoct.quantify.coverage import mark_partial
+
+        mark_partial(out, coverage)
+    return out

@@ -283,8 +283,11 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
     patient = dict(result["patient"])
     patient["label_display"] = _DISPLAY.get(patient["label"], patient["label"])
     sev = q.get("severity") or {}
-    severity = {"grade": f"{sev.get('mosmed_grade', '—')} ({sev.get('mosmed_description', '')})",
-                "percent": _fmt(sev.get("percent_lung_involved")),
+    grade = (f"{sev.get('mosmed_grade', '—')} ({sev.get('mosmed_description', '')})"
+             if sev.get("mosmed_grade") is not None else f"— ({sev.get('withheld_reason', 'not given')})")
+    severity = {"grade": grade,
+                "percent": _fmt(sev.get("percent_lung_involved"))
+                + (" (of the scanned lung)" if sev.get("partial") else ""),
                 "ctss": f"{_fmt(sev.get('ctss_zones_total'))} / {sev.get('ctss_zones_max', 30)}"}
     lung_ml = q.get("lung_volume_ml") or {}
     spread = q.get("lesion_centre_spread_mm") or {}
@@ -335,7 +338,19 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         research=(patient.get("research_panel") or {}).get("m3lung_patient"),
         research_note=(patient.get("research_panel") or {}).get("note", ""),
         headline_validation=_validation_text(patient), slab_mm=40,
+        coverage_banner=coverage_banner(result.get("coverage")), partial_note=q.get("partial_note"),
     )
+
+
+def coverage_banner(cov: dict[str, Any] | None) -> str | None:
+    """The text after "Partial lung coverage:" at the top of the report, or None when the lung is fully scanned."""
+    if not cov or cov.get("complete", True):
+        return None
+    ends = " and ".join(w for w, cut in (("top (apices not scanned)", cov.get("cut_superior")),
+                                         ("bottom (bases not scanned)", cov.get("cut_inferior"))) if cut)
+    return (f"the scan covers {cov['scan_extent_mm']:g} mm and the lung is cut at the {ends}. Volumes and "
+            "percentages are of the scanned lung only; no CT grade or zone score total is given for unseen lung; "
+            "the headline and RSNA category are from what is seen.")
 
 
 def _validation_text(patient: dict[str, Any]) -> str:
