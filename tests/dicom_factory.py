@@ -27,6 +27,9 @@ ACCESSION = "ACC-SECRET-777"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
+#: StudyInstanceUID of every series the writers made, so an image joined later lands in the same study.
+_STUDY_OF_SERIES: dict[str, str] = {}
+
 
 def phantom(n_slices: int = 16, rows: int = 64, cols: int = 64, seed: int = 0) -> np.ndarray:
     """A fake chest in canonical orientation, int16 HU: air -1000 around a body (~40 HU) with two lungs (-850),
@@ -161,8 +164,10 @@ def write_series(
     if z_positions is None:
         z_positions = [top_z - k * slice_spacing for k in range(n_slices)]
     z_positions = [float(z) for z in z_positions]
+    # a series written in several calls (same series_uid) stays in one study unless told otherwise
+    study_uid = study_uid or _STUDY_OF_SERIES.get(series_uid or "") or generate_uid()
     series_uid = series_uid or generate_uid()
-    study_uid = study_uid or generate_uid()
+    _STUDY_OF_SERIES[series_uid] = study_uid
     frame_uid = generate_uid()
     signed = (intercept >= 0 or hu.min() < intercept) if signed is None else signed
     transpose, flip_rows, flip_cols = in_plane_layout(row_dir, col_dir)
@@ -252,11 +257,12 @@ def write_single_image(
     modality: str = "CT",
     pixel_spacing: float = 1.0,
     intercept: float = -1024.0,
+    study_uid: str | None = None,
 ) -> Path:
-    """One extra image (e.g. a localizer) joined to a series."""
+    """One extra image (e.g. a localizer) joined to a series (and, by default, to that series' study)."""
     ds = _base_dataset(CTImageStorage)
     ds.Modality = modality
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or _STUDY_OF_SERIES.get(series_uid) or generate_uid()
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 3
     ds.InstanceNumber = 999
