@@ -289,12 +289,14 @@ def write_enhanced_ct(
     xy_origin: tuple[float, float] = (-25.0, -25.0),
     shuffle_frames: bool = True,
     per_frame_intercepts: Sequence[float] = (-1024.0, -1000.0),
+    per_frame_slopes: Sequence[float] = (1.0,),
     orientation_in_shared: bool = True,
     seed: int = 1,
 ) -> SeriesInfo:
     """An Enhanced CT multi-frame file: positions per frame (PlanePositionSequence), orientation and pixel
     measures in the shared groups (or per frame), rescale per frame (PixelValueTransformationSequence) with
-    intercepts cycling through ``per_frame_intercepts``. Frames are stored in shuffled order."""
+    intercepts cycling through ``per_frame_intercepts`` and slopes through ``per_frame_slopes`` (pick slopes
+    such as 0.5 that encode integer HU exactly). Frames are stored in shuffled order."""
     if hu is None:
         hu = phantom(14, 48, 48, seed=seed)
     n, rows, cols = hu.shape
@@ -336,6 +338,7 @@ def write_enhanced_ct(
     frames = []
     for j, k in enumerate(order):
         intercept = float(per_frame_intercepts[j % len(per_frame_intercepts)])
+        slope = float(per_frame_slopes[j % len(per_frame_slopes)])
         item = Dataset()
         pos = Dataset()
         pos.ImagePositionPatient = [xy_origin[0], xy_origin[1], top_z - k * slice_spacing]
@@ -344,14 +347,14 @@ def write_enhanced_ct(
             item.PlaneOrientationSequence = DicomSequence([orientation_item()])
         pvt = Dataset()
         pvt.RescaleIntercept = intercept
-        pvt.RescaleSlope = 1.0
+        pvt.RescaleSlope = slope
         pvt.RescaleType = "HU"
         item.PixelValueTransformationSequence = DicomSequence([pvt])
         content = Dataset()
         content.FrameAcquisitionNumber = 1
         item.FrameContentSequence = DicomSequence([content])
         per_frame.append(item)
-        frames.append(_stored(hu[k], 1.0, intercept, True))
+        frames.append(_stored(hu[k], slope, intercept, True))
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     ds.PixelData = np.ascontiguousarray(np.stack(frames)).tobytes()
     _save(ds, Path(path), ExplicitVRLittleEndian)

@@ -11,15 +11,15 @@ below ``OUTSIDE_FIELD_BELOW_HU`` (scanners fill the corners outside the reconstr
 become ``AIR_HU``.
 
 MONOCHROME1 (PS3.3 C.7.6.3.1.2) only says how to *display* the values (minimum white); the modality LUT still maps
-stored values to HU, so nothing is inverted here — pydicom's ``pixel_array`` and SimpleITK/GDCM both return stored
-values without a presentation inversion (checked by the tests).
+stored values to HU, so nothing is inverted here. pydicom's ``pixel_array`` returns the stored values as they are;
+SimpleITK/GDCM (ITK 5.4) inverts MONOCHROME1 images before the rescale (measured: max − stored + intercept), so
+MONOCHROME1 files always go through pydicom (checked by the tests).
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-import warnings as py_warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 
-from .dicom_scan import _Frame
+from .dicom_scan import _Frame, quiet_pydicom
 
 logger = logging.getLogger("pneumoct.io")
 
@@ -98,6 +98,9 @@ def _decode_sitk(path: Path, frames: Sequence[_Frame]) -> list[np.ndarray]:
     """SimpleITK/GDCM: returns rescaled values (GDCM applies RescaleSlope/Intercept itself)."""
     import SimpleITK as sitk
 
+    if frames[0].photometric == "MONOCHROME1":
+        # GDCM inverts MONOCHROME1 pixels (display semantics) before rescaling: the HU would be wrong
+        raise ValueError("MONOCHROME1: GDCM inverts the stored values, decode with pydicom")
     if frames[0].n_frames > 1 and len({(f.slope, f.intercept) for f in frames}) > 1:
         raise ValueError("per-frame rescale differs: GDCM applies one rescale to all frames")
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
@@ -175,8 +178,7 @@ def _decode_frames(frames: Sequence[_Frame], decoder: str) -> tuple[np.ndarray, 
 
     items = list(by_file.items())
     failed: list[int] = []
-    with py_warnings.catch_warnings():
-        py_warnings.simplefilter("ignore")
+    with quiet_pydicom():
         if len(items) > 4 and _n_workers() > 1:
             with ThreadPoolExecutor(max_workers=_n_workers()) as pool:
                 results = list(pool.map(work, items))

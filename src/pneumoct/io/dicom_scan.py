@@ -14,13 +14,14 @@ Also the small header-value helpers the later stages share (:func:`_float`, :fun
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 import warnings as py_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -83,6 +84,7 @@ class _Frame:
     sop_class: str = ""
     #: PixelPaddingValue [, PixelPaddingRangeLimit] as stored values (lowest, highest), or None
     padding: tuple[int, int] | None = None
+    photometric: str = "MONOCHROME2"
 
     @property
     def is_localizer(self) -> bool:
@@ -95,13 +97,6 @@ class _Frame:
         first = str(self.image_type[0]).upper() if self.image_type else ""
         second = str(self.image_type[1]).upper() if len(self.image_type) > 1 else ""
         return first == "DERIVED" or second == "SECONDARY" or self.sop_class.startswith(_SECONDARY_CAPTURE_PREFIX)
-
-    @property
-    def identity(self) -> str:
-        """Stable name of the image: its SOPInstanceUID, or file name (+ frame) when the export left it empty."""
-        if self.sop_uid:
-            return self.sop_uid if self.frame is None else f"{self.sop_uid}#{self.frame + 1}"
-        return self.path.name if self.frame is None else f"{self.path.name}#{self.frame + 1}"
 
     @property
     def has_geometry(self) -> bool:
@@ -149,6 +144,27 @@ class DicomScan:
 # ---------------------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API
+        return False
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while it reads exported files: it both warns (Python warnings) and logs (logger
+    "pydicom", one line per value) about every non-standard value, e.g. each UID with a dash. The reader
+    reports what matters itself, once (``non_standard_uids``), so nothing of pydicom's reaches stderr."""
+    log = logging.getLogger("pydicom")
+    drop = _DropAll()
+    log.addFilter(drop)
+    try:
+        with py_warnings.catch_warnings():
+            py_warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -207,8 +223,7 @@ def looks_like_raw_dicom(path: Path) -> bool:
     if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
     try:
-        with py_warnings.catch_warnings():
-            py_warnings.simplefilter("ignore")
+        with quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:
         return False
@@ -335,6 +350,7 @@ def _frames_from_dataset(ds: pydicom.Dataset, path: Path) -> list[_Frame]:
         sop_uid=str(ds.get("SOPInstanceUID", "") or "").strip() or None,
         sop_class=str(ds.get("SOPClassUID", "") or ""),
         padding=_padding(ds),
+        photometric=str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").strip().upper(),
         modality=str(ds.get("Modality", "") or "").upper(),
         rows=int(ds.get("Rows", 0) or 0),
         cols=int(ds.get("Columns", 0) or 0),
@@ -463,8 +479,7 @@ def scan_dicom_files(paths: Sequence[Path], *, extra_skipped: int = 0) -> DicomS
     set aside before (2D images, volume files found in a DICOM folder)."""
     scan = DicomScan(series={}, n_files=len(paths) + extra_skipped, n_non_dicom=extra_skipped)
     t0 = time.perf_counter()
-    with py_warnings.catch_warnings():
-        py_warnings.simplefilter("ignore")
+    with quiet_pydicom():
         for path in paths:
             status, ds = _read_header(Path(path))
             if status == "non_dicom":
