@@ -218,6 +218,17 @@ def test_padding_and_outside_field_values_become_air(tmp_path):
     assert warning(study, "padding_masked") == f"{n} voxels of padding/outside the scan field set to -1024 HU (air)"
 
 
+def test_hounsfield_check_sees_the_cleaned_values(tmp_path):
+    # no lungs, and all the air outside the body stored as outside-field fill: only the cleaned volume holds air
+    hu = F.phantom(16, 64, 64, seed=22)
+    hu[(hu > -900) & (hu < -700)] = 40
+    hu[hu < -900] = -3024
+    F.write_series(tmp_path / "s", hu=hu, seed=22)
+    study = read_study(tmp_path / "s")
+    assert study.hu.min() == -1024 and np.count_nonzero(study.hu == -1024) == np.count_nonzero(hu == -3024)
+    assert "padding_masked" in codes(study)
+
+
 def test_padding_range_in_air_is_masked_but_a_padding_value_inside_tissue_is_not_trusted(tmp_path):
     info = F.write_series(tmp_path / "s", seed=18)
     frame = next(iter(scan_dicom_files(info.paths).series.values())).frames[0]
