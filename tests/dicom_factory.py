@@ -27,6 +27,9 @@ ACCESSION = "ACC-SECRET-777"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
+#: StudyInstanceUID of every series the writers made, so an image joined later lands in the same study.
+_STUDY_OF_SERIES: dict[str, str] = {}
+
 
 def phantom(n_slices: int = 16, rows: int = 64, cols: int = 64, seed: int = 0) -> np.ndarray:
     """A fake chest in canonical orientation, int16 HU: air -1000 around a body (~40 HU) with two lungs (-850),
@@ -161,8 +164,10 @@ def write_series(
     if z_positions is None:
         z_positions = [top_z - k * slice_spacing for k in range(n_slices)]
     z_positions = [float(z) for z in z_positions]
+    # a series written in several calls (same series_uid) stays in one study unless told otherwise
+    study_uid = study_uid or _STUDY_OF_SERIES.get(series_uid or "") or generate_uid()
     series_uid = series_uid or generate_uid()
-    study_uid = study_uid or generate_uid()
+    _STUDY_OF_SERIES[series_uid] = study_uid
     frame_uid = generate_uid()
     signed = (intercept >= 0 or hu.min() < intercept) if signed is None else signed
     transpose, flip_rows, flip_cols = in_plane_layout(row_dir, col_dir)
@@ -292,11 +297,12 @@ def write_single_image(
     modality: str = "CT",
     pixel_spacing: float = 1.0,
     intercept: float = -1024.0,
+    study_uid: str | None = None,
 ) -> Path:
-    """One extra image (e.g. a localizer) joined to a series."""
+    """One extra image (e.g. a localizer) joined to a series (and, by default, to that series' study)."""
     ds = _base_dataset(CTImageStorage)
     ds.Modality = modality
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or _STUDY_OF_SERIES.get(series_uid) or generate_uid()
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 3
     ds.InstanceNumber = 999
@@ -323,12 +329,14 @@ def write_enhanced_ct(
     xy_origin: tuple[float, float] = (-25.0, -25.0),
     shuffle_frames: bool = True,
     per_frame_intercepts: Sequence[float] = (-1024.0, -1000.0),
+    per_frame_slopes: Sequence[float] = (1.0,),
     orientation_in_shared: bool = True,
     seed: int = 1,
 ) -> SeriesInfo:
     """An Enhanced CT multi-frame file: positions per frame (PlanePositionSequence), orientation and pixel
     measures in the shared groups (or per frame), rescale per frame (PixelValueTransformationSequence) with
-    intercepts cycling through ``per_frame_intercepts``. Frames are stored in shuffled order."""
+    intercepts cycling through ``per_frame_intercepts`` and slopes through ``per_frame_slopes`` (pick slopes
+    such as 0.5 that encode integer HU exactly). Frames are stored in shuffled order."""
     if hu is None:
         hu = phantom(14, 48, 48, seed=seed)
     n, rows, cols = hu.shape
@@ -370,6 +378,7 @@ def write_enhanced_ct(
     frames = []
     for j, k in enumerate(order):
         intercept = float(per_frame_intercepts[j % len(per_frame_intercepts)])
+        slope = float(per_frame_slopes[j % len(per_frame_slopes)])
         item = Dataset()
         pos = Dataset()
         pos.ImagePositionPatient = [xy_origin[0], xy_origin[1], top_z - k * slice_spacing]
@@ -378,14 +387,14 @@ def write_enhanced_ct(
             item.PlaneOrientationSequence = DicomSequence([orientation_item()])
         pvt = Dataset()
         pvt.RescaleIntercept = intercept
-        pvt.RescaleSlope = 1.0
+        pvt.RescaleSlope = slope
         pvt.RescaleType = "HU"
         item.PixelValueTransformationSequence = DicomSequence([pvt])
         content = Dataset()
         content.FrameAcquisitionNumber = 1
         item.FrameContentSequence = DicomSequence([content])
         per_frame.append(item)
-        frames.append(_stored(hu[k], 1.0, intercept, True))
+        frames.append(_stored(hu[k], slope, intercept, True))
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     ds.PixelData = np.ascontiguousarray(np.stack(frames)).tobytes()
     _save(ds, Path(path), ExplicitVRLittleEndian)

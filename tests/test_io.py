@@ -162,19 +162,22 @@ def test_multiple_series_pick_the_axial_ct_with_most_slices(tmp_path):
     study_uid = generate_uid()
     main = F.write_series(root / "s3", n_slices=16, series_number=3, study_uid=study_uid, seed=1)
     thick = F.write_series(
-        root / "s2", n_slices=11, slice_spacing=5.0, series_number=2, series_description="Chest 5mm", seed=2
+        root / "s2", n_slices=11, slice_spacing=5.0, series_number=2, series_description="Chest 5mm", seed=2,
+        study_uid=study_uid,
     )
-    F.write_series(root / "mr", n_slices=12, modality="MR", sop_class=MRImageStorage, series_number=9)
+    F.write_series(root / "mr", n_slices=12, modality="MR", sop_class=MRImageStorage, series_number=9,
+                   study_uid=study_uid)
     F.write_series(
         root / "cor",
         n_slices=20,
         series_number=4,
         series_description="Coronal MPR",
+        study_uid=study_uid,
         row_dir=(1, 0, 0),
         col_dir=(0, 0, -1),
         edit=lambda ds, k: setattr(ds, "ImagePositionPatient", [-22.0, -30.0 + 2.0 * k, 100.0]),
     )
-    F.write_series(root / "few", n_slices=4, series_number=8, series_description="Few")
+    F.write_series(root / "few", n_slices=4, series_number=8, series_description="Few", study_uid=study_uid)
     study = read_study(root)
     np.testing.assert_array_equal(study.hu, main.hu)
     chosen = study.metadata["chosen_series"]
@@ -653,8 +656,8 @@ def test_no_patient_identifiers_anywhere(tmp_path, caplog):
 
 
 def test_inspect_input_decodes_no_pixels(tmp_path, monkeypatch):
-    F.write_series(tmp_path / "s", seed=41)
-    F.write_series(tmp_path / "s" / "thin", n_slices=11, series_number=7, seed=42)
+    main = F.write_series(tmp_path / "s", seed=41)
+    F.write_series(tmp_path / "s" / "thin", n_slices=11, series_number=7, seed=42, study_uid=main.study_uid)
 
     def boom(*args, **kwargs):
         raise AssertionError("pixels decoded")

@@ -6,12 +6,14 @@ Pipeline
    DICOM objects without pixels (DICOMDIR, reports) are counted and skipped; a DICOM file whose header cannot be
    parsed is counted as unreadable. Every image — a single-frame file or one frame of a multi-frame file — becomes
    a :class:`_Frame` with its own position, orientation and rescale (per-frame functional groups for Enhanced CT).
-2. **Group** frames by SeriesInstanceUID and judge each series: modality, localizers, images with another
-   orientation, axial or not, consistent size/pixel spacing, number of distinct slice positions. The usable axial
-   CT series with the most slices is chosen; every other series is listed with the reason it was not chosen.
+2. **Group** frames by StudyInstanceUID + SeriesInstanceUID and judge each series: modality, localizers, images
+   with another orientation, axial or not, consistent size/pixel spacing, number of distinct slice positions.
+   One series is chosen by the numbered rule of :mod:`.dicom_series` (latest study, primary before derived,
+   coverage, lung kernel, thinnest); every other series is listed with the reason it was not chosen.
 3. **Decode** the chosen frames (thread pool; compressed single-frame files go through SimpleITK/GDCM, which
    releases the GIL, cross-checked against pydicom + pylibjpeg on the first file; pydicom otherwise, each one the
-   fallback of the other), apply RescaleSlope/Intercept per file/frame.
+   fallback of the other), apply RescaleSlope/Intercept per file/frame, set padding and outside-field values
+   to -1024 HU (air).
 4. **Resolve** duplicated positions (identical pixels → drop; different pixels → keep the acquisition with the
    most slices if a header field tells them apart, else refuse), skip undecodable slices only at the ends of the
    stack, check gaps, spacing regularity and gantry tilt, check Hounsfield plausibility. Then **resample**: a
@@ -177,6 +179,14 @@ def read_dicom_files(
             )
         )
 
+    if decode_info["n_padding_masked"]:
+        warnings.append(
+            InputWarning(
+                "padding_masked",
+                f"{decode_info['n_padding_masked']} voxels of padding/outside the scan field set to -1024 HU (air)",
+            )
+        )
+
     keep, dup_warnings = _resolve_duplicates(frames, groups, pixels)
     warnings.extend(dup_warnings)
     frames = [frames[i] for i in keep]
@@ -258,6 +268,7 @@ def read_dicom_files(
             "slice_spacing_mm": float(spacing_z),
             "rescale_slope": frames[0].slope,
             "rescale_intercept": frames[0].intercept,
+            "n_padding_voxels_masked": decode_info["n_padding_masked"],
             "original_orientation": {
                 "row_direction": [round(float(v), 5) for v in row_dir],
                 "column_direction": [round(float(v), 5) for v in col_dir],

@@ -2,19 +2,26 @@
 
 Non-DICOM files (text, thumbnails...) and DICOM objects without pixels (DICOMDIR, reports) are counted and skipped;
 a DICOM file whose header cannot be parsed is counted as unreadable. Every image — a single-frame file or one frame
-of a multi-frame file — becomes a :class:`_Frame` with its own position, orientation and rescale (per-frame
-functional groups for Enhanced CT), grouped by SeriesInstanceUID into a :class:`DicomScan`.
+of a multi-frame file — becomes a :class:`_Frame` with its own position, orientation, rescale and pixel padding
+(per-frame functional groups for Enhanced CT), grouped by (StudyInstanceUID, SeriesInstanceUID) into a
+:class:`DicomScan`: a SeriesInstanceUID reused in two studies (it happens with anonymisers and some exports) never
+merges their images.
+
+pydicom warns (Python warnings) about values that break the standard, e.g. UIDs with dashes or letters; the scan
+silences them and counts what matters instead (:func:`uid_problems`), so one summarised warning reaches the user.
 
 Also the small header-value helpers the later stages share (:func:`_float`, :func:`_syntax_name`...).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 import warnings as py_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -31,6 +38,10 @@ _UNCOMPRESSED_SYNTAXES = {
     "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
 }
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Secondary Capture image storage SOP classes (screenshots, burned-in reformats): never primary acquisitions.
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+#: A UID in DICOM form (PS3.5 9.1): digits and dots, no leading zero in a component, at most 64 characters.
+_UID_FORM = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 #: Header fields that may tell two acquisitions mixed in one series apart (tried in this order).
 _SPLIT_KEYS = (
@@ -69,10 +80,23 @@ class _Frame:
     transfer_syntax: str
     split_values: dict[str, Any] = field(default_factory=dict)
     positions_assumed: bool = False
+    study_uid: str = "(no study UID)"
+    sop_class: str = ""
+    #: PixelPaddingValue [, PixelPaddingRangeLimit] as stored values (lowest, highest), or None
+    padding: tuple[int, int] | None = None
+    photometric: str = "MONOCHROME2"
 
     @property
     def is_localizer(self) -> bool:
         return any("LOCALIZER" in str(v).upper() for v in self.image_type)
+
+    @property
+    def is_derived(self) -> bool:
+        """Not a primary acquisition: ImageType DERIVED (value 1) or SECONDARY (value 2) — MPR reformats, MIPs,
+        screenshots — or a Secondary Capture SOP class."""
+        first = str(self.image_type[0]).upper() if self.image_type else ""
+        second = str(self.image_type[1]).upper() if len(self.image_type) > 1 else ""
+        return first == "DERIVED" or second == "SECONDARY" or self.sop_class.startswith(_SECONDARY_CAPTURE_PREFIX)
 
     @property
     def has_geometry(self) -> bool:
@@ -88,6 +112,11 @@ class _Series:
     uid: str
     frames: list[_Frame]
     meta: dict[str, Any]
+    study_uid: str = "(no study UID)"
+    #: StudyDate+StudyTime and AcquisitionDate+AcquisitionTime as sortable "YYYYMMDDHHMMSS.ffffff" strings.
+    #: Kept out of ``meta`` on purpose: dates are only used to order studies, never reported.
+    study_datetime: str | None = None
+    acquisition_datetime: str | None = None
 
 
 @dataclass
@@ -115,6 +144,27 @@ class DicomScan:
 # ---------------------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API
+        return False
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom while it reads exported files: it both warns (Python warnings) and logs (logger
+    "pydicom", one line per value) about every non-standard value, e.g. each UID with a dash. The reader
+    reports what matters itself, once (``non_standard_uids``), so nothing of pydicom's reaches stderr."""
+    log = logging.getLogger("pydicom")
+    drop = _DropAll()
+    log.addFilter(drop)
+    try:
+        with py_warnings.catch_warnings():
+            py_warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _floats(value: Any, n: int) -> np.ndarray | None:
@@ -173,8 +223,7 @@ def looks_like_raw_dicom(path: Path) -> bool:
     if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
     try:
-        with py_warnings.catch_warnings():
-            py_warnings.simplefilter("ignore")
+        with quiet_pydicom():
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:
         return False
@@ -200,6 +249,7 @@ _META_FIELDS = (
     ("patient_position", "PatientPosition"),
     ("gantry_detector_tilt_deg", "GantryDetectorTilt"),
     ("image_type", "ImageType"),
+    ("photometric_interpretation", "PhotometricInterpretation"),
 )
 
 
@@ -215,7 +265,60 @@ def _series_meta(ds: pydicom.Dataset) -> dict[str, Any]:
         if thick is not None:
             meta["slice_thickness_mm"] = _float(thick)
     meta["sop_class"] = _syntax_name(str(ds.get("SOPClassUID", ""))) or None
+    # contrast phase is not a selection criterion; only its presence is recorded (the agent's name is free text)
+    meta["contrast_agent"] = bool(str(ds.get("ContrastBolusAgent", "") or "").strip()) or (
+        "ContrastBolusAgentSequence" in ds
+    )
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def _datetime(date: Any, time_: Any) -> str | None:
+    """'YYYYMMDD' + 'HHMMSS.ffffff' → one sortable string; None without a date."""
+    d = str(date or "").strip()
+    if not re.fullmatch(r"\d{8}", d):
+        return None
+    t = re.sub(r"[^0-9.]", "", str(time_ or ""))
+    digits, _, frac = t.partition(".")
+    return d + digits[:6].ljust(6, "0") + "." + frac[:6].ljust(6, "0")
+
+
+def _series_dates(ds: pydicom.Dataset) -> tuple[str | None, str | None]:
+    study = _datetime(ds.get("StudyDate"), ds.get("StudyTime"))
+    acq = _datetime(ds.get("AcquisitionDate") or ds.get("SeriesDate"), ds.get("AcquisitionTime") or ds.get("SeriesTime"))
+    if acq is None and ds.get("AcquisitionDateTime"):
+        value = str(ds.get("AcquisitionDateTime"))
+        acq = _datetime(value[:8], value[8:])
+    return study, acq
+
+
+def _padding(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """(lowest, highest) stored padding value from PixelPaddingValue [+ PixelPaddingRangeLimit], or None.
+
+    Both are US or SS by PixelRepresentation; an implicit-VR file may hand a signed value back as unsigned."""
+    values = []
+    for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit"):
+        v = ds.get(keyword)
+        if v is None or v == "":
+            continue
+        try:
+            v = int(v[0] if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else v)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if int(ds.get("PixelRepresentation", 0) or 0) == 1 and v >= 32768:
+            v -= 65536
+        values.append(v)
+    return (min(values), max(values)) if values else None
+
+
+def uid_problems(frames: Sequence[_Frame]) -> tuple[int, int]:
+    """(number of distinct study/series/SOP instance UIDs not in DICOM form, number of images without a
+    SOPInstanceUID) among ``frames``."""
+    uids = set()
+    for f in frames:
+        uids.update(u for u in (f.study_uid, f.series_uid, f.sop_uid) if u and not u.startswith("(no "))
+    bad = sum(1 for u in uids if len(u) > 64 or not _UID_FORM.match(u))
+    no_sop = len({(f.path, f.frame) for f in frames if not f.sop_uid})
+    return bad, no_sop
 
 
 def _functional(ds: pydicom.Dataset, per_frame: Any, seq_name: str, keyword: str) -> Any:
@@ -242,8 +345,12 @@ def _frames_from_dataset(ds: pydicom.Dataset, path: Path) -> list[_Frame]:
     common = dict(
         path=path,
         n_frames=n_frames,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or "(no series UID)"),
-        sop_uid=str(ds.get("SOPInstanceUID")) if ds.get("SOPInstanceUID") else None,
+        series_uid=str(ds.get("SeriesInstanceUID", "") or "").strip() or "(no series UID)",
+        study_uid=str(ds.get("StudyInstanceUID", "") or "").strip() or "(no study UID)",
+        sop_uid=str(ds.get("SOPInstanceUID", "") or "").strip() or None,
+        sop_class=str(ds.get("SOPClassUID", "") or ""),
+        padding=_padding(ds),
+        photometric=str(ds.get("PhotometricInterpretation", "") or "MONOCHROME2").strip().upper(),
         modality=str(ds.get("Modality", "") or "").upper(),
         rows=int(ds.get("Rows", 0) or 0),
         cols=int(ds.get("Columns", 0) or 0),
@@ -362,13 +469,17 @@ def _read_header(path: Path) -> tuple[str, pydicom.Dataset | None]:
     return "image", ds
 
 
+def series_key(study_uid: str, series_uid: str) -> str:
+    """Key of :attr:`DicomScan.series`: the series within its study."""
+    return f"{study_uid}|{series_uid}"
+
+
 def scan_dicom_files(paths: Sequence[Path], *, extra_skipped: int = 0) -> DicomScan:
     """Read the headers of ``paths`` and group the images by series. ``extra_skipped`` counts files that were
     set aside before (2D images, volume files found in a DICOM folder)."""
     scan = DicomScan(series={}, n_files=len(paths) + extra_skipped, n_non_dicom=extra_skipped)
     t0 = time.perf_counter()
-    with py_warnings.catch_warnings():
-        py_warnings.simplefilter("ignore")
+    with quiet_pydicom():
         for path in paths:
             status, ds = _read_header(Path(path))
             if status == "non_dicom":
@@ -386,10 +497,22 @@ def scan_dicom_files(paths: Sequence[Path], *, extra_skipped: int = 0) -> DicomS
                 logger.debug("could not interpret DICOM header (%s)", type(exc).__name__)
                 scan.n_unreadable += 1
                 continue
-            uid = frames[0].series_uid if frames else "(no series UID)"
-            series = scan.series.get(uid)
+            if not frames:
+                continue
+            uid, study_uid = frames[0].series_uid, frames[0].study_uid
+            # key on the study too: a SeriesInstanceUID reused in another study must not merge the two
+            key = series_key(study_uid, uid)
+            series = scan.series.get(key)
             if series is None:
-                series = scan.series[uid] = _Series(uid=uid, frames=[], meta=_series_meta(ds))
+                study_dt, acq_dt = _series_dates(ds)
+                series = scan.series[key] = _Series(
+                    uid=uid,
+                    frames=[],
+                    meta=_series_meta(ds),
+                    study_uid=study_uid,
+                    study_datetime=study_dt,
+                    acquisition_datetime=acq_dt,
+                )
             series.frames.extend(frames)
     logger.debug(
         "scanned %d files in %.2f s: %d images in %d series, %d non-DICOM, %d non-image, %d unreadable",
