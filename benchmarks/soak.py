@@ -46,7 +46,11 @@ def soak(runs: int, work: Path, *, quiet: bool = False) -> dict:
 
     _, cases = C.build_phantom_corpus(work / "cases")
     out_root = work / "out"
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
+    # a private temporary folder: anything pneumoct leaves there is ours (zip extractions, half-written files)
+    tmp = work / "tmp"
+    tmp.mkdir()
+    old_tmp = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
     opts = DiagnoseOptions()
     rss, fds, outcomes, seconds = [], [], [], []
     stray_out: set[str] = set()
@@ -67,7 +71,8 @@ def soak(runs: int, work: Path, *, quiet: bool = False) -> dict:
         if not quiet:
             print(f"[{i + 1}/{runs}] {case.name:14s} {outcome:28s} {seconds[-1]:5.2f} s  rss {rss[-1]:7.1f} MB  "
                   f"fds {fds[-1]}", file=sys.stderr)
-    stray_tmp = sorted(set(os.listdir(tempfile.gettempdir())) - tmp_before)
+    tempfile.tempdir = old_tmp
+    stray_tmp = sorted(os.listdir(tmp))
     half = len(rss) // 2
     # memory slope over the second half (after caches and models have been loaded), MB per 100 runs
     slope = float(np.polyfit(np.arange(half, len(rss)), rss[half:], 1)[0] * 100) if len(rss) - half >= 3 else None
