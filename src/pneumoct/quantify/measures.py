@@ -394,10 +394,13 @@ def quantify(
 
     # ---- lesion = in-lung lesion voxels in components of at least min_lesion_ml (3D, 26-connectivity)
     les_in = (lz > 0) & lung
-    n_raw_in_lung = int(np.count_nonzero(les_in))
     labels, n_components = ndi.label(les_in, structure=_CONNECTIVITY_26)
+    # from here on only the lesion voxels (a few % of the box) are touched, never the whole box again
+    flat_in = np.flatnonzero(les_in)  # C order: sorted by z, then y, then x
     del les_in
-    comp_sizes = np.bincount(labels.ravel(), minlength=n_components + 1)
+    n_raw_in_lung = int(flat_in.size)
+    lab_in = labels.ravel()[flat_in]
+    comp_sizes = np.bincount(lab_in, minlength=n_components + 1)
     comp_sizes[0] = 0
     keep = comp_sizes > 0
     if min_lesion_ml > 0:
@@ -405,8 +408,8 @@ def quantify(
     keep[0] = False
     n_counted = int(np.count_nonzero(keep))
     n_below_min = int(n_components - n_counted)
-    les = keep[labels]
-    n_below_min_vox = n_raw_in_lung - int(np.count_nonzero(les))
+    kept_vox = keep[lab_in]
+    n_below_min_vox = n_raw_in_lung - int(np.count_nonzero(kept_vox))
     n_outside_vox = n_raw - n_raw_in_lung
     if n_outside_vox:
         notes.append(
@@ -415,7 +418,7 @@ def quantify(
         )
 
     # ---- lesion voxels (coordinates in the crop, C order: sorted by z)
-    idx = np.nonzero(les)
+    idx = np.unravel_index(flat_in[kept_vox], lm.shape)  # = np.nonzero(kept voxels), in the same order
     n_les = int(idx[0].size)
     lung_val = lm[idx]
     in_right = lung_val == LUNG_RIGHT
@@ -442,8 +445,8 @@ def quantify(
     Zc = lm.shape[0]
     zone_of_z = np.full((3, Zc), -1, dtype=np.int64)  # [lung label, z] -> zone index 0..5 (row 0 unused)
     zone_ranges: dict[str, tuple[int, int] | None] = {}
-    right_per_z = right.sum(axis=(1, 2))
-    left_per_z = left.sum(axis=(1, 2))
+    right_per_z = np.count_nonzero(right, axis=(1, 2))
+    left_per_z = np.count_nonzero(left, axis=(1, 2))
     for lab_id, per_z, base, side in ((LUNG_RIGHT, right_per_z, 0, "right"), (LUNG_LEFT, left_per_z, 3, "left")):
         thirds = zone_slices(per_z > 0)
         for t, name in enumerate(("upper", "middle", "lower")):
@@ -524,7 +527,7 @@ def quantify(
     lesions: list[dict[str, Any]] = []
     spread = None
     if n_les:
-        lab = labels[idx]
+        lab = lab_in[kept_vox]
         objs = ndi.find_objects(labels)
         del labels
         nc1 = n_components + 1
