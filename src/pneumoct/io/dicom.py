@@ -236,11 +236,22 @@ def read_dicom_files(
     perm, flips = canonical_transform(vectors)
     if perm[0] != 0:  # cannot happen for an axial series
         raise PneumoctInputError("non_axial", "non-axial series — pneumoct needs axial slices")
-    hu = pixels.transpose(perm)
     flip_axes = tuple(t for t in range(3) if flips[t])
-    if flip_axes:
-        hu = np.flip(hu, axis=flip_axes)
-    hu = np.ascontiguousarray(hu)
+    if tuple(perm) == (0, 1, 2) and flip_axes == (0,) and pixels.flags.c_contiguous:
+        # the common case (slices stored inferior first): reverse the slice order in place, slice by slice,
+        # instead of copying the whole volume
+        buf = np.empty_like(pixels[0])
+        n = pixels.shape[0]
+        for k in range(n // 2):
+            buf[...] = pixels[k]
+            pixels[k] = pixels[n - 1 - k]
+            pixels[n - 1 - k] = buf
+        hu = pixels
+    else:
+        hu = pixels.transpose(perm)
+        if flip_axes:
+            hu = np.flip(hu, axis=flip_axes)
+        hu = np.ascontiguousarray(hu)
     new_vectors = [vectors[perm[t]] * (-1.0 if flips[t] else 1.0) for t in range(3)]
     spacing = tuple(float(spacings[perm[t]]) for t in range(3))
     direction = np.column_stack([new_vectors[2], new_vectors[1], new_vectors[0]])

@@ -53,11 +53,11 @@ def _padding_hu(frame: _Frame) -> tuple[float, float] | None:
 
 def _mask_padding(values: np.ndarray, frame: _Frame) -> tuple[np.ndarray, int]:
     """Set padding and outside-field voxels to air; returns (values, number of voxels changed)."""
-    mask = values < OUTSIDE_FIELD_BELOW_HU
+    mask = values < OUTSIDE_FIELD_BELOW_HU  # never AIR_HU itself (−1024 > −1100)
     pad = _padding_hu(frame)
     if pad is not None:
         mask |= (values >= pad[0]) & (values <= pad[1])
-    mask &= values != AIR_HU
+        mask &= values != AIR_HU
     n = int(np.count_nonzero(mask))
     if n:
         values = values.copy()
