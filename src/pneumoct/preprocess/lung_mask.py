@@ -314,16 +314,20 @@ def _split_left_right_box(lung: np.ndarray, max_erosions: int, mid: float, cross
     lab, n = ndi.label(lung, structure=_STRUCT_6)
     if n == 0:
         return labels, info
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    # per-component counts from the lung voxels only (a fraction of the box): sizes, column sums, right-side counts
+    flat = np.flatnonzero(lung)
+    vox_lab = lab.ravel()[flat]
+    vox_col = flat % lung.shape[2]
+    del flat
+    sizes = np.bincount(vox_lab, minlength=n + 1)
     sizes[0] = 0
-    col_sum = np.bincount(lab.ravel(), weights=np.broadcast_to(np.arange(lung.shape[2], dtype=np.float64),
-                                                                 lung.shape).ravel(), minlength=n + 1)
+    col_sum = np.bincount(vox_lab, weights=vox_col.astype(np.float64), minlength=n + 1)
     centroid_col = col_sum / np.maximum(sizes, 1)
     objs = ndi.find_objects(lab)
 
     def right_counts(m: float) -> np.ndarray:
         c = min(max(int(np.ceil(m)), 0), lung.shape[2])  # columns < m lie on the patient's right
-        return np.bincount(lab[:, :, :c].ravel(), minlength=n + 1) if c > 0 else np.zeros(n + 1, np.int64)
+        return np.bincount(vox_lab[vox_col < c], minlength=n + 1)
 
     def minority(i: int) -> float:
         return min(right_n[i], sizes[i] - right_n[i]) / sizes[i]
@@ -367,8 +371,9 @@ def _split_left_right_box(lung: np.ndarray, max_erosions: int, mid: float, cross
             how.append("joined lungs cut at the midline")
         else:
             labels[sl][comp] = majority
-    n_right = int(np.count_nonzero(np.bincount(lab[labels == LUNG_RIGHT], minlength=n + 1)[1:]))
-    n_left = int(np.count_nonzero(np.bincount(lab[labels == LUNG_LEFT], minlength=n + 1)[1:]))
+    vox_side = labels.ravel()[np.flatnonzero(lung)]
+    n_right = int(np.count_nonzero(np.bincount(vox_lab[vox_side == LUNG_RIGHT], minlength=n + 1)[1:]))
+    n_left = int(np.count_nonzero(np.bincount(vox_lab[vox_side == LUNG_LEFT], minlength=n + 1)[1:]))
     if how:
         info["split"] = how[0]
     elif n_right and n_left:
@@ -834,10 +839,12 @@ def _drop_small(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
     lab, n = ndi.label(mask, structure=_STRUCT_6)
     if n == 0:
         return mask
-    sizes = np.bincount(lab.ravel()) * voxel_ml
-    keep = sizes >= min_ml
-    keep[0] = False
-    return keep[lab]
+    flat = np.flatnonzero(mask)  # the mask's voxels only (lung: a fifth of the volume)
+    vox_lab = lab.ravel()[flat]
+    keep = np.bincount(vox_lab, minlength=n + 1) * voxel_ml >= min_ml
+    out = np.zeros(mask.shape, bool)
+    out.ravel()[flat[keep[vox_lab]]] = True
+    return out
 
 
 #: a 2D image is "cropped through the body" when less than this share of its border pixels is air; measured:
