@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO
 
 from ..parallel import map_axis, run_chunks
+from ..preprocess.lung_mask import fill_holes_2d
 
 METHOD = "threshold-baseline"
 
@@ -454,15 +455,22 @@ def find_lesions_threshold(
     rejected = np.zeros_like(cons)
     # consolidation with its enclosed air (air bronchograms): holes of the consolidation in each slice
     filled = cons.copy()
-    for z in np.flatnonzero(cons.any(axis=(1, 2))):
-        filled[z] = ndi.binary_fill_holes(filled[z])
+    cons_zs = np.flatnonzero(cons.any(axis=(1, 2)))
+
+    def fill(r: range) -> None:  # fill_holes_2d: binary_fill_holes' pixels by one labelling; slices on threads
+        for z in cons_zs[r.start:r.stop]:
+            filled[z] = fill_holes_2d(cons[z])
+
+    run_chunks(fill, len(cons_zs))
     if cons.any():
         labels, n = ndi.label(cons, structure=_STRUCT26)
         _, _, sd = _component_shape(labels, n, sp)
         # hollow: the component encloses air in some slice (a bronchus inside consolidation); vessels are solid
-        lab_f = ndi.maximum_filter(labels, size=(1, 3, 3))  # holes touch their component in-plane
-        holes = filled & ~cons
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        # holes touch their component in-plane; they lie in the consolidation's box, so the filter runs on it
+        reg = _bbox_region(cons, (0, 1, 1))
+        lab_f = ndi.maximum_filter(labels[reg], size=(1, 3, 3))
+        holes = filled[reg] & ~cons[reg]
+        sizes = np.bincount(labels[cons], minlength=n + 1)
         hollow = np.bincount(lab_f[holes], minlength=n + 1) >= np.maximum(0.02 * sizes, 1)
         del lab_f, holes
         below_out = np.zeros_like(cons)
@@ -639,6 +647,7 @@ def find_lesions_threshold(
         crop = crop[:, :ny, :nx]
     crop[~lung_full[bz, by, bx]] = 0  # never outside the study's lung mask
     out[bz, by, bx] = crop
+    n_ggo_vox, n_cons_vox = (int(np.count_nonzero(crop == v)) for v in (LESION_GGO, LESION_CONSOLIDATION))
 
     params.update(
         thin_structure_voxels=int(vessel.sum()) * f * f,
@@ -649,7 +658,7 @@ def find_lesions_threshold(
         compact_components=n_compact,
         lesion_components=n_kept,
         lesion_components_dropped_small=int(n - n_kept),
-        ggo_voxels=int(np.count_nonzero(out == LESION_GGO)),
-        consolidation_voxels=int(np.count_nonzero(out == LESION_CONSOLIDATION)),
+        ggo_voxels=n_ggo_vox,  # counted on the lung's box: `out` is 0 outside it
+        consolidation_voxels=n_cons_vox,
     )
     return LesionFinding(mask=out, probability_map=None, method=METHOD, params=params)
