@@ -32,11 +32,12 @@ OUT = ROOT / "experiments" / "results" / "volumetric_compare.json"  # --out to w
 
 def _system_scores(name: str, study, lung_labels) -> dict[str, float] | str:
     """Class probabilities of a 3D system, or why it did not run (not installed, failed)."""
+    from pneumoct.errors import PneumoctInputError
     from pneumoct.volumetric import run_system
 
     try:
         out = run_system(name, study, lung_labels)
-    except (ImportError, FileNotFoundError) as exc:
+    except (ImportError, FileNotFoundError, PneumoctInputError) as exc:
         return f"not installed ({exc.__class__.__name__}: {str(exc)[:80]})"
     return dict(out.probabilities)
 
