@@ -344,7 +344,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
                 if k not in known:
                     raise _bad(f"unknown config key 'augment.{k}' (known: {', '.join(sorted(known))})")
     if cfg.task == "deepsc":
-        from .task_deepsc import DeepSCOptions
+        from .deepsc_options import DeepSCOptions
 
         DeepSCOptions.from_config(cfg.deepsc)
     if cfg.task == "patient" and not cfg.patient.slice_checkpoint:
