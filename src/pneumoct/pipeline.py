@@ -404,6 +404,10 @@ def _json_safe(x: Any) -> Any:
         return {str(k): _json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):  # a system's info is for reading: small arrays as lists, big ones described
+        return _json_safe(x.tolist()) if x.size <= 64 else f"<array {list(x.shape)} {x.dtype}>"
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (float, np.floating)):
