@@ -105,7 +105,7 @@ def real_studies(model_dir: Path, keys, cases=None) -> dict:
     return out
 
 
-def loso(epochs: tuple[int, int], work: Path) -> dict:
+def loso(epochs: tuple[int, int], work: Path, phantoms_per_class: int) -> dict:
     import torch
 
     from pneumoct.train.config import load_config
@@ -126,6 +126,8 @@ def loso(epochs: tuple[int, int], work: Path) -> dict:
         from pneumoct.train.task_deepsc import load_cases
 
         opts = DeepSCOptions.from_config(cfg.deepsc)
+        opts = dataclass_replace(opts, phantoms={**opts.phantoms, "n_per_class": phantoms_per_class})
+        cfg.deepsc = {**cfg.deepsc, "phantoms": opts.phantoms}  # the run's record says what it trained on
         train = load_cases(dataclass_replace(opts, real_ctmd=[]), "train") + [real[k] for k in keys if k != held]
         fit_deepsc(cfg, run, progress=False, cases=(train, load_cases(opts, "val")))
         out[held] = real_studies(run / "best", [held], cases=[real[held]])[f"covid-ct-md/{held}"]
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--loso", action="store_true")
     ap.add_argument("--skip-real", action="store_true", help="no real studies (smoke runs)")
     ap.add_argument("--loso-epochs", default="8,4")
+    ap.add_argument("--loso-phantoms", type=int, default=4, help="training phantoms per class in each LOSO run")
     ap.add_argument("--work", default=str(ROOT / "runs" / "deepsc_eval"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
            "real_in_training": {} if args.skip_real else real_studies(model_dir, ("covid", "cap", "normal"))}
     if args.loso:
         e = tuple(int(v) for v in args.loso_epochs.split(","))
-        res["loso"] = {"epochs": list(e), "studies": loso(e, Path(args.work))}
+        res["loso"] = {"epochs": list(e), "phantoms_per_class": args.loso_phantoms,
+                       "studies": loso(e, Path(args.work), args.loso_phantoms)}
     res["seconds"] = round(time.time() - t0, 1)
     if not args.skip_real:  # a smoke run never overwrites the recorded results
         write_json(ROOT / "experiments" / "results" / "deepsc_eval.json", res)
@@ -200,8 +204,9 @@ def report(res: dict) -> str:
                      f"{r['slices_with_mask']} / {r['positive_slices_truth']} / {r['n_slices']} |")
     if "loso" in res:
         lines += ["", f"**Leave-one-study-out on the 3 real studies** (held out: trained without the study, "
-                      f"{res['loso']['epochs'][0]} + {res['loso']['epochs'][1]} epochs, other settings of "
-                      "configs/deepsc_cpu.yaml; 3 studies: anecdotes, not statistics):", "",
+                      f"{res['loso']['epochs'][0]} + {res['loso']['epochs'][1]} epochs, "
+                      f"{res['loso']['phantoms_per_class']} training phantoms per class + the other 2 real studies, "
+                      "other settings of configs/deepsc_cpu.yaml; 3 studies: anecdotes, not statistics):", "",
                   "| held-out study | truth | call | probabilities | slice AUC | slices with mask / labelled positive / all |",
                   "|---|---|---|---|---|---|"]
         for k, r in res["loso"]["studies"].items():

@@ -201,11 +201,15 @@ def trained(tmp_path_factory):
     from pneumoct.train.task_deepsc import fit_deepsc
     from pneumoct.train.volumes import phantom_volume_cohort
 
-    torch.set_num_threads(1)
-    tr = phantom_volume_cohort(4, seed=5, labels=("healthy", "covid19"), matrix=64, n_slices=16)
-    va = phantom_volume_cohort(3, seed=6, labels=("healthy", "covid19"), matrix=64, n_slices=16)
-    out = tmp_path_factory.mktemp("deepsc_run")
-    metrics = fit_deepsc(_tiny_cfg(), out, progress=False, cases=(tr, va))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; one thread is also what the CPU config uses
+    try:
+        tr = phantom_volume_cohort(4, seed=5, labels=("healthy", "covid19"), matrix=64, n_slices=16)
+        va = phantom_volume_cohort(3, seed=6, labels=("healthy", "covid19"), matrix=64, n_slices=16)
+        out = tmp_path_factory.mktemp("deepsc_run")
+        metrics = fit_deepsc(_tiny_cfg(), out, progress=False, cases=(tr, va))
+    finally:
+        torch.set_num_threads(threads)
     return out, metrics, va
 
 
