@@ -67,10 +67,17 @@ def test_ablations_build_and_run(kw):
         assert not any("cross" in n for n, _ in net.named_parameters())
 
 
-def test_paper_model_registered_with_paper_widths():
+def test_paper_model_and_config():
+    from pneumoct.train.config import load_config
+    from pneumoct.train.deepsc_options import DeepSCOptions
+
     assert {"deepsc", "deepsc_cpu"} <= set(list_models())
-    net = build_model("deepsc")
+    cfg = load_config("configs/deepsc_paper.yaml")
+    net = build_model(cfg.model.name, **cfg.model.kwargs)
     assert net.classifier.widths == [64, 128, 256] and net.num_classes == 3
+    assert cfg.class_names == ["non_pneumonia", "covid19", "cap"]
+    spec = DeepSCOptions.from_config(cfg.deepsc).spec()
+    assert spec.patch == (24, 256, 256) and spec.cls_slices == 48 and spec.hu_window == (-1400.0, 200.0)
 
 
 @pytest.mark.parametrize("over", [["deepsc.lambda_ta=0"], ["deepsc.lambda_ta=1"], ["deepsc.lambda_ta=100"],
