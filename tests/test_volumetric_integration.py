@@ -112,3 +112,19 @@ def test_cli_model_flag(fake_system, toy_path, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "fake_evidence.nii.gz").is_file()
     with pytest.raises(SystemExit):
         cli.main(["diagnose", str(toy_path), "--out", str(tmp_path), "--model", "nope"])
+
+
+@pytest.mark.parametrize("probs,head,note", [
+    ({"healthy": 0.2, "covid19": 0.8}, "covid19", False),
+    ({"non_pneumonia": 0.7, "covid19": 0.2, "cap": 0.1}, "healthy", False),
+    ({"non_pneumonia": 0.7, "covid19": 0.2, "cap": 0.1}, "cap", True),
+    ({"non_covid": 0.9, "covid19": 0.1}, "covid19", True),
+    ({"non_covid": 0.9, "covid19": 0.1}, "cap", False),
+    ({"a": 0.9, "b": 0.1}, "cap", False),  # classes the headline does not speak of: no claim either way
+])
+def test_volumetric_consistency_rule(probs, head, note):
+    from pneumoct.pipeline import volumetric_consistency
+
+    vol = VolumetricOutput(system="x", class_names=tuple(probs), probabilities=probs)
+    got = volumetric_consistency(vol, {"label": head})
+    assert (got is not None) == note and (got is None or got["code"] == "volumetric_disagrees")
