@@ -260,3 +260,26 @@ def test_system_analyse_on_a_study(trained, monkeypatch):
     assert set(res.maps) == {"segmentation", "evidence"} and res.lesion_mask.dtype == np.uint8
     assert not res.maps["segmentation"][case.lung == 0].any()  # nothing outside the lungs
     assert res.info["input_chain"]["cls_slices"] == 8 and "phantom" in res.info["trained_on"]
+
+
+def test_bundled_weights():
+    """The shipped weights/deepsc: small, loadable, and saying what they were trained on."""
+    import json
+
+    from pneumoct.fingerprint import load_fingerprint
+    from pneumoct.learned import bundled_weights_dir
+    from pneumoct.models.deepsc_system import load
+
+    d = bundled_weights_dir() / "deepsc"
+    if not (d / "model.json").is_file():
+        pytest.skip("no bundled deepsc weights in this checkout")
+    assert (d / "model.safetensors").stat().st_size < 5 * 1024 * 1024
+    model, info = load(d.parent)
+    meta = info["meta"]
+    assert meta["family"] == "deepsc" and meta["classes"] == ["healthy", "covid19", "other_viral", "cap"]
+    assert meta["data_kind"] == "real+synthetic" and set(meta["data"]["sources"]) == {"covid-ct-md", "phantom"}
+    fp = load_fingerprint(d)
+    assert fp["model"]["key"] == "deepsc" and set(fp["sources"]) == {"covid-ct-md", "phantom"}
+    card = (d / "model_card.md").read_text()
+    assert "covid-ct-md/covid" in card and "phantom" in card.lower() and "held-out" in card.lower()
+    assert json.loads((d / "model.json").read_text())["sha256"] == info["sha256"]

@@ -329,11 +329,13 @@ def write_volume_fingerprint(cases: list, out_dir: Path, model: dict) -> Path:
 
 def model_card(cfg: TrainConfig, opts: DeepSCOptions, data: dict, metrics: dict, info: dict) -> str:
     best = metrics.get("best") or {}
-    banner = synthetic_banner(data["sources"])
     spec = opts.spec()
     lines = [f"# Model card: {cfg.name or cfg.model.name}", ""]
-    if banner:
-        lines += [banner, ""]
+    if data["synthetic"] and data["training_data"] == "mixed":
+        lines += [f"**Trained on synthetic phantoms plus {len(opts.real_ctmd)} real studies (slice labels only); the "
+                  "validation figures below are on held-out synthetic phantoms only — not clinical accuracy.**", ""]
+    elif data["synthetic"]:
+        lines += [synthetic_banner(data["sources"]), ""]
     lines += [
         "Research use only. Not a medical device; nothing here has been validated on patients.", "",
         "## Model",
