@@ -336,9 +336,8 @@ def _volumetric_system(opts: DiagnoseOptions, lesions_mode: str) -> str | None:
     """The 3D system to run: ``opts.model``, or the one ``--lesions NAME`` asks for (they must agree)."""
     from .volumetric import SYSTEMS
 
-    for name in (opts.model,):
-        if name is not None and name not in SYSTEMS:
-            raise PneumoctInputError("bad_argument", f"unknown 3D model {name!r}; choose from {', '.join(SYSTEMS)}")
+    if opts.model is not None and opts.model not in SYSTEMS:
+        raise PneumoctInputError("bad_argument", f"unknown 3D model {opts.model!r}; choose from {', '.join(SYSTEMS)}")
     if lesions_mode in SYSTEMS:
         if opts.model is not None and opts.model != lesions_mode:
             raise PneumoctInputError("bad_argument", f"--lesions {lesions_mode} takes the mask of the 3D model "
