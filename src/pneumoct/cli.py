@@ -30,7 +30,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                            segment_when=getattr(args, "segment_when", "always"),
                            positive_threshold=getattr(args, "positive_threshold", 0.5),
                            headline=getattr(args, "headline", "auto"),
-                           segmenter=getattr(args, "segmenter", None))
+                           segmenter=getattr(args, "segmenter", None), model=getattr(args, "model", None))
     out = Path(args.out)
     if len(args.inputs) == 1:
         result = diagnose(args.inputs[0], out, opts)
@@ -176,9 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-models", action="store_true",
                    help="classical path only: no learned model (threshold lesion masks and score, rule diagnosis)")
-    p.add_argument("--lesions", choices=["learned", "threshold"], default=None,
+    from .volumetric import SYSTEMS  # names only: the systems themselves are imported when run
+
+    p.add_argument("--model", choices=list(SYSTEMS), default=None, metavar="NAME",
+                   help=f"also run a 3D research model ({', '.join(SYSTEMS)}): research panel in the report, its maps "
+                        "as <NAME>_<map>.nii.gz, models.volumetric in result.json; never the headline")
+    p.add_argument("--lesions", choices=["learned", "threshold", *SYSTEMS], default=None,
                    help="lesion masks from the bundled learned segmenter (default; weights/lesion_seg, falls back to "
-                   "the baseline when it is not installed) or the HU threshold baseline (default with --no-models)")
+                   "the baseline when it is not installed), the HU threshold baseline (default with --no-models), or "
+                   "a 3D research model's 3D mask (runs that model; the headline keeps its calibration's mask)")
     p.add_argument("--segment-when", choices=["always", "positive"], default="always",
                    help="JCS joint diagnosis: 'positive' segments only studies the classifier calls abnormal "
                    "(abnormal probability >= --positive-threshold); 'always' (default) segments every study")

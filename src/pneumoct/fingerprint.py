@@ -573,6 +573,8 @@ def compute_bundled_fingerprints(weights_dir: str | os.PathLike[str] | None = No
         if keys is not None and d.name not in keys:
             continue
         meta = json.loads((d / "model.json").read_text()).get("meta") or {}
+        if (meta.get("data") or {}).get("kind") == "volume_cases":
+            continue  # a 3D system trained on in-memory volumes: its training wrote the fingerprint of those
         tables = (meta.get("data") or {}).get("tables") or []
         sig = json.dumps(tables, sort_keys=True)
         if sig not in done:

@@ -43,8 +43,12 @@ class DiagnoseOptions:
     weights_dir: str | None = None   # None = bundled weights (or $PNEUMOCT_WEIGHTS)
     slice_probability: str = "area"  # per-slice lesion_probability: calibrated threshold area, or "model" (CNN)
     # lesion masks: "learned" (bundled lesion_seg segmenter) or "threshold" (baseline); None = learned when
-    # use_learned_models, else threshold (so use_learned_models=False alone is the whole classical path)
+    # use_learned_models, else threshold (so use_learned_models=False alone is the whole classical path); or the
+    # name of a 3D system (pneumoct.volumetric.SYSTEMS, e.g. "deepsc"): its 3D lesion mask, which runs that system
     lesions: str | None = None
+    # a 3D system (pneumoct.volumetric.SYSTEMS) run after the lungs: a research panel, its maps as NIfTI, never the
+    # headline (docs: README "3D systems")
+    model: str | None = None
     # JCS joint diagnosis (Wu et al., Fig. 1): "positive" segments only studies the patient classifier calls
     # abnormal (abnormal_probability >= positive_threshold); "always" segments every study (our default: a
     # classifier miss must not hide the lesions from the reader)
@@ -64,6 +68,7 @@ class DiagnoseOutput:
     lesion_mask: np.ndarray
     learned: LearnedOutput = field(default_factory=LearnedOutput)
     figures: Background | None = None  # the report's images, rendering in a second thread (report_figures)
+    volumetric: Any = None  # the 3D system's VolumetricOutput (maps written as <system>_<map>.nii.gz)
 
 
 def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
@@ -71,9 +76,12 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     """Run lungs → lesions → quantification → classification on a study already read."""
     opts = options or DiagnoseOptions()
     timing = {} if timing is None else timing
+    from .volumetric import SYSTEMS
+
     lesions_mode = opts.lesions or ("learned" if opts.use_learned_models else "threshold")
-    if lesions_mode not in ("learned", "threshold") or opts.segment_when not in ("always", "positive"):
+    if lesions_mode not in ("learned", "threshold", *SYSTEMS) or opts.segment_when not in ("always", "positive"):
         raise ValueError(f"bad lesions / segment_when option: {opts.lesions!r} / {opts.segment_when!r}")
+    system = _volumetric_system(opts, lesions_mode)
 
     calibration = None
     if opts.use_learned_models:
@@ -135,8 +143,19 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     threshold_finding, threshold_area = threshold_bg.result()
     threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
+    volumetric = None
+    if system is not None:
+        from .volumetric import run_system
+
+        t = time.perf_counter()
+        volumetric = run_system(system, study, lungs.labels, weights_dir=opts.weights_dir)
+        timing["volumetric"] = time.perf_counter() - t
+
     finding = threshold_finding
     segmentation: dict[str, Any] = {"requested": lesions_mode, "segment_when": opts.segment_when, "ran": False}
+    if volumetric is not None and lesions_mode == system:
+        finding = drop_lesions_on_interpolated(volumetric_lesions(volumetric, study), study)
+        timing["lesions"] = timing["volumetric"]
     if lesions_mode == "learned":
         gate = None
         if opts.segment_when == "positive":
@@ -169,8 +188,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if calibration is not None:
         from .burden import apply_calibration, slice_probability
 
-        burden = apply_calibration(calibration, lesion_area, lung_area, float(study.spacing[0]))
-        slice_p = slice_probability(calibration, lesion_area)
+        # a 3D research system's mask never drives the headline: the calibration keeps the mask it was fitted on
+        burden_area = (threshold_area if lesions_mode in SYSTEMS and calibration.get("mask_method") == "threshold"
+                       else lesion_area)
+        if burden_area is not lesion_area:
+            segmentation["headline_mask"] = "threshold-baseline (the calibration's own mask)"
+        burden = apply_calibration(calibration, burden_area, lung_area, float(study.spacing[0]))
+        slice_p = slice_probability(calibration, burden_area)
     slices = []
     for k, (info, area, prob) in enumerate(zip(study.slices, lesion_area, threshold_prob)):
         entry = {"index": info.index, "position_mm": round(float(info.position_mm), 3)}
@@ -211,7 +235,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     if opts.write_report:  # the report's images need only the slices, masks and maps: beside the quantification
         from .report.html import report_figures
 
-        figures = Background(report_figures, slices, study, lungs.labels, finding.mask, learned,
+        figures = Background(report_figures, slices, study, lungs.labels, finding.mask, learned, volumetric,
                              name="pneumoct-figures")
 
     # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
@@ -260,6 +284,16 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         models_used.setdefault("learned", {})["lesion_seg"] = finding.params["provenance"]
     if slice_inputs:  # the recorded 2D input chain, as run (pneumoct.preprocess.slice_input.SliceInputs)
         models_used["slice_input_chain"] = slice_inputs[0].record()
+    data_note = _data_note(learned, segmentation, patient)
+    if volumetric is not None:
+        models_used["volumetric"] = volumetric_block(volumetric, timing.get("volumetric"))
+        data_note += (f" Research panel: the 3D model {volumetric.system} (trained on "
+                      f"{volumetric.info.get('trained_on', 'see models.volumetric')}); research only, never the "
+                      "headline" + (", but its lesion mask feeds the measurements (--lesions)."
+                                    if lesions_mode == system else "."))
+        note = volumetric_consistency(volumetric, patient)
+        if note is not None:  # listed with the other disagreements; the headline itself is left as it is
+            patient["consistency"].append(note)
     warnings = [w.to_dict() for w in study.warnings]
     if not coverage["complete"]:
         warnings.append(coverage_warning(coverage))
@@ -276,7 +310,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "pneumoct_version": __version__,
-        "data_note": _data_note(learned, segmentation, patient),
+        "data_note": data_note,
         "input": {
             "format": study.source_format,
             "warnings": warnings,
@@ -295,7 +329,118 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         "timing_s": timing,
     }
     return DiagnoseOutput(result=result, study=study, lung_labels=lungs.labels, lesion_mask=finding.mask,
-                          learned=learned, figures=figures)
+                          learned=learned, figures=figures, volumetric=volumetric)
+
+
+def _volumetric_system(opts: DiagnoseOptions, lesions_mode: str) -> str | None:
+    """The 3D system to run: ``opts.model``, or the one ``--lesions NAME`` asks for (they must agree)."""
+    from .volumetric import SYSTEMS
+
+    if opts.model is not None and opts.model not in SYSTEMS:
+        raise PneumoctInputError("bad_argument", f"unknown 3D model {opts.model!r}; choose from {', '.join(SYSTEMS)}")
+    if lesions_mode in SYSTEMS:
+        if opts.model is not None and opts.model != lesions_mode:
+            raise PneumoctInputError("bad_argument", f"--lesions {lesions_mode} takes the mask of the 3D model "
+                                     f"{lesions_mode}, but --model is {opts.model}")
+        return lesions_mode
+    return opts.model
+
+
+def volumetric_lesions(vol: Any, study: StudyVolume):
+    """A 3D system's lesion mask as the lesion finding of the quantification. A binary mask (0 / 1) is split into
+    ground-glass / consolidation by HU at -300, the threshold baseline's cut (as for a binary 2D segmenter)."""
+    from .quantify.threshold_baseline import LesionFinding
+    from .types import LESION_CONSOLIDATION, LESION_GGO
+
+    if vol.lesion_mask is None:
+        raise PneumoctInputError("bad_argument", f"the 3D model {vol.system} gives no lesion mask (--lesions)")
+    mask = np.asarray(vol.lesion_mask, np.uint8)
+    if int(mask.max(initial=0)) <= 1:
+        lesion = mask > 0
+        mask = np.where(lesion, np.where(study.hu >= -300, LESION_CONSOLIDATION, LESION_GGO), 0).astype(np.uint8)
+    first = next(iter(vol.maps.values()), None)
+    return LesionFinding(mask=mask, probability_map=first,
+                         method=f"3d:{vol.system} (research 3D model, trained on "
+                                f"{vol.info.get('trained_on', 'see models.volumetric')}; not validated on patients)",
+                         params={"system": vol.system})
+
+
+def volumetric_maps_files(vol: Any) -> dict[str, str]:
+    """Map name -> file name written beside the masks: ``<system>_<map>.nii.gz``."""
+    return {name: f"{vol.system}_{name}.nii.gz" for name in vol.maps}
+
+
+def stale_volumetric_maps(out_dir: Path) -> list[Path]:
+    """Files of ours from 3D systems in ``out_dir``: ``<system>_*.nii.gz`` for every registered system."""
+    from .volumetric import SYSTEMS
+
+    return sorted(p for name in SYSTEMS for p in out_dir.glob(f"{name}_*.nii.gz") if p.is_file())
+
+
+def map_to_percent(m: np.ndarray) -> np.ndarray:
+    """A [0, 1] map -> uint8 0..100 (how the maps are stored as NIfTI)."""
+    return np.rint(np.clip(np.nan_to_num(np.asarray(m, np.float32)), 0.0, 1.0) * 100.0).astype(np.uint8)
+
+
+def volumetric_block(vol: Any, seconds: float | None) -> dict[str, Any]:
+    """``result["models"]["volumetric"]``: what the 3D system said, for the research panel only."""
+    probs = {k: round(float(v), 4) for k, v in vol.probabilities.items()}
+    label = max(probs, key=lambda k: probs[k]) if probs else None
+    info = {k: v for k, v in vol.info.items() if k not in ("timing_s",)}
+    return {
+        "system": vol.system, "research_only": True, "class_names": list(vol.class_names), "probabilities": probs,
+        "label": label, "trained_on": vol.info.get("trained_on"), "data_kind": vol.info.get("data_kind"),
+        "note": "research panel: a 3D model trained on the data named in trained_on; never the headline",
+        "maps": volumetric_maps_files(vol), "maps_encoding": "uint8 percent (value / 100 = map value in [0, 1])",
+        "lesion_mask_voxels": None if vol.lesion_mask is None else int(np.count_nonzero(vol.lesion_mask)),
+        "timing_s": {**(vol.info.get("timing_s") or {}), **({"total": round(seconds, 3)} if seconds else {})},
+        "info": _json_safe(info),
+    }
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):  # a system's info is for reading: small arrays as lists, big ones described
+        return _json_safe(x.tolist()) if x.size <= 64 else f"<array {list(x.shape)} {x.dtype}>"
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    return str(x)
+
+
+#: a 3D system's class that means "no pneumonia" (its "abnormal" call is any other class)
+_NORMAL = ("healthy", "non_pneumonia")
+
+
+def volumetric_consistency(vol: Any, patient: dict[str, Any]) -> dict[str, str] | None:
+    """A consistency note when the 3D system's class call disagrees with the headline: its label differs from the
+    headline label when both speak of the product's classes (``non_pneumonia`` = healthy), or, for a COVID-vs-rest
+    head, its COVID call differs from the headline's."""
+    if not vol.probabilities:
+        return None
+    label = max(vol.probabilities, key=lambda k: vol.probabilities[k])
+    head = patient.get("label")
+    mine = "healthy" if label in _NORMAL else label
+    if mine in CLASS_NAMES:
+        disagree = mine != head
+    elif label == "non_covid":
+        disagree = head == "covid19"
+    else:
+        return None
+    if not disagree:
+        return None
+    return {"code": "volumetric_disagrees",
+            "message": f"The 3D research model {vol.system} calls the study {label} "
+                       f"({float(vol.probabilities[label]):.2f}); the headline says {head}. Its output is research "
+                       "only (see its training data in the research panel)."}
 
 
 def drop_lesions_on_interpolated(finding, study: StudyVolume):
@@ -592,6 +737,10 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
     for name, kept in (("report.html", report), ("lung_mask.nii.gz", masks), ("lesion_mask.nii.gz", masks)):
         if not kept:
             (out_dir / name).unlink(missing_ok=True)
+    map_files = volumetric_maps_files(out.volumetric) if (masks and out.volumetric is not None) else {}
+    for old in stale_volumetric_maps(out_dir):  # an earlier run's 3D maps that this run does not rewrite
+        if old.name not in map_files.values():
+            old.unlink(missing_ok=True)
 
     t_masks = time.perf_counter()
     written = []
@@ -599,11 +748,13 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
     def write_masks() -> float:  # beside the report (gzip and the file writes release the GIL)
         write_volume(out_dir / "lung_mask.nii.gz", out.lung_labels, study)
         write_volume(out_dir / "lesion_mask.nii.gz", out.lesion_mask, study)
+        for name, fname in map_files.items():  # uint8 percent: 4x smaller and faster to compress than float32
+            write_volume(out_dir / fname, map_to_percent(out.volumetric.maps[name]), study)
         return time.perf_counter() - t_masks
 
     masks_bg = Background(write_masks, name="pneumoct-masks") if masks else None
     if masks:
-        written += ["lung_mask.nii.gz", "lesion_mask.nii.gz"]
+        written += ["lung_mask.nii.gz", "lesion_mask.nii.gz", *map_files.values()]
     else:
         timing["write_masks"] = 0.0
     try:
@@ -613,7 +764,8 @@ def write_outputs(out: DiagnoseOutput, out_dir: str | Path, *, report: bool = Tr
                 timing["total"] = time.perf_counter() - t_total  # provisional, for the report
             out.result["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
             html = build_report(out.result, study, out.lung_labels, out.lesion_mask, learned=out.learned,
-                                figures=out.figures.result() if out.figures is not None else None)
+                                figures=out.figures.result() if out.figures is not None else None,
+                                volumetric=out.volumetric)
             write_text(out_dir / "report.html", html)
             written.append("report.html")
             timing["report"] = time.perf_counter() - t

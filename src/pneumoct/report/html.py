@@ -253,11 +253,40 @@ def _resize_rgb(rgb: np.ndarray, aspect: float, max_size: int = 256) -> np.ndarr
     return np.asarray(Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.BILINEAR))
 
 
+def volumetric_panels(vol, study: StudyVolume, lung_labels: np.ndarray, max_slices: int = 4) -> list[dict]:
+    """The 3D system's research panel: up to ``max_slices`` slices (:func:`choose_explanation_slices` on the
+    per-slice area of its first map >= 0.5 and the per-slice maximum of that map), each with every map overlaid
+    as it is (values in [0, 1], not rescaled: a weak map stays faint), inside the lung."""
+    from ..explain.boxes import overlay_map_rgb
+    from .render import window_to_uint8
+
+    if vol is None or not vol.maps:
+        return []
+    first = next(iter(vol.maps.values()))
+    lung = lung_labels > 0
+    inside = np.where(lung, first, 0.0)
+    area = (inside >= 0.5).sum(axis=(1, 2)).astype(np.float64)
+    peak = inside.max(axis=(1, 2)).astype(np.float64)
+    zs = choose_explanation_slices(area, peak, max_slices, p_min=0.25)
+    if not zs:  # nothing stands out: the slices with the most lung, so the reader still sees the maps
+        zs = sorted(np.argsort(-lung.sum(axis=(1, 2)))[:1].tolist())
+    aspect = float(study.spacing[1]) / float(study.spacing[2])
+    panels = []
+    for z in zs:
+        grey = window_to_uint8(study.hu[z])
+        images = [{"uri": png_data_uri(_resize_rgb(overlay_map_rgb(grey, np.where(lung[z], m[z], 0.0)), aspect)),
+                   "caption": f"{vol.system} {name} (max {float(np.where(lung[z], m[z], 0).max()):.2f})"}
+                  for name, m in vol.maps.items()]
+        panels.append({"index": int(z), "images": images})
+    return panels
+
+
 def report_figures(slices: list[dict], study: StudyVolume, lung_labels: np.ndarray, lesion_mask: np.ndarray,
-                   learned=None) -> dict[str, Any]:
-    """The report's images: the slice gallery and the "where the models looked" panels. They need only the
-    per-slice results (``result["slices"]``), the masks and the model maps, so ``diagnose`` renders them in a
-    second thread while the quantification runs (:func:`build_report` takes them ready-made)."""
+                   learned=None, volumetric=None) -> dict[str, Any]:
+    """The report's images: the slice gallery, the "where the models looked" panels and the 3D system's research
+    panel. They need only the per-slice results (``result["slices"]``), the masks and the model maps, so
+    ``diagnose`` renders them in a second thread while the quantification runs (:func:`build_report` takes them
+    ready-made)."""
     idx, step = gallery_indices(study.shape[0], lung_labels.any(axis=(1, 2)))
     aspect = float(study.spacing[1]) / float(study.spacing[2])
     gallery = []
@@ -267,17 +296,19 @@ def report_figures(slices: list[dict], study: StudyVolume, lung_labels: np.ndarr
         gallery.append({"uri": png_data_uri(rgb), "index": i, "position_mm": s["position_mm"],
                         "lesion_area_mm2": s["lesion_area_mm2"], "lesion_probability": s["lesion_probability"]})
     return {"gallery": gallery, "gallery_indices": list(idx), "step": step,
-            "explanation": explanation_context({"slices": slices}, study, learned, lung_labels, lesion_mask)}
+            "explanation": explanation_context({"slices": slices}, study, learned, lung_labels, lesion_mask),
+            "volumetric_panels": volumetric_panels(volumetric, study, lung_labels)}
 
 
 def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.ndarray,
-                 lesion_mask: np.ndarray, learned=None, figures: dict[str, Any] | None = None) -> str:
+                 lesion_mask: np.ndarray, learned=None, figures: dict[str, Any] | None = None,
+                 volumetric=None) -> str:
     """The self-contained HTML report. ``figures``: :func:`report_figures` of the same result, when already
-    rendered (computed here otherwise)."""
+    rendered (computed here otherwise, with the 3D system's output ``volumetric``)."""
     slices = result["slices"]
     q = result["quantification"]
     if figures is None:
-        figures = report_figures(slices, study, lung_labels, lesion_mask, learned)
+        figures = report_figures(slices, study, lung_labels, lesion_mask, learned, volumetric)
     gallery, idx, step = figures["gallery"], figures["gallery_indices"], figures["step"]
     probs = [float(s["lesion_probability"]) for s in slices]
     patient = dict(result["patient"])
@@ -339,6 +370,7 @@ def build_report(result: dict[str, Any], study: StudyVolume, lung_labels: np.nda
         research_note=(patient.get("research_panel") or {}).get("note", ""),
         headline_validation=_validation_text(patient), slab_mm=40,
         coverage_banner=coverage_banner(result.get("coverage")), partial_note=q.get("partial_note"),
+        volumetric=result["models"].get("volumetric"), volumetric_panels=figures.get("volumetric_panels") or [],
     )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import PneumoctInputError
 
-KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient", "lesion_seg")
+KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient", "lesion_seg", "deepsc")
 
 
 def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = None,

@@ -6,9 +6,9 @@
 Schema (defaults in the dataclasses below; see ``docs/training.md``)::
 
     model:   {name: multiscale_cam_cpu, kwargs: {num_classes: 4}}
-    task:    slice | patient | segmentation
-    family:  multiscale_cam | m3lung_slice | jcs | m3lung_patient | segmentation   (derived from model.name when
-             omitted; jcs_seg* and unet* -> segmentation)
+    task:    slice | patient | segmentation | deepsc
+    family:  multiscale_cam | m3lung_slice | jcs | m3lung_patient | segmentation | deepsc   (derived from model.name
+             when omitted; jcs_seg* and unet* -> segmentation; deepsc* -> deepsc)
     data:    {tables: [{kind, path, limit}], size, channels, target, m3lung_rule, cache_dir, window_center,
               window_width}
     split:   {val_fraction, seed, kfold, fold}
@@ -18,6 +18,8 @@ Schema (defaults in the dataclasses below; see ``docs/training.md``)::
     loss:    {focal_gamma, class_weights, lesion_weight, mixup_alpha, lseg_weight}
     augment: null | {AugmentConfig fields}
     patient: {slice_checkpoint, window_centers, max_slices, feature_batch_size}
+    deepsc:  the 3D DeepSC-COVID task's own section (volumes, input sizes, losses, two-stage schedule), checked by
+             pneumoct.train.task_deepsc.DeepSCOptions
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ __all__ = ["TrainConfig", "ModelSpec", "DataConfig", "SplitConfig", "TrainOption
            "load_config", "parse_config", "config_to_dict", "apply_overrides", "family_of", "class_names_for",
            "TARGETS", "SEG_TARGETS", "FAMILIES"]
 
-FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient", "segmentation")
+FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient", "segmentation", "deepsc")
 # what a row's training label is, from the SliceTable columns
 TARGETS = {
     "class": None,                                   # class_label as is (CLASS_NAMES order, first K)
@@ -143,6 +145,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: dict | None = None
     patient: PatientConfig = field(default_factory=PatientConfig)
+    deepsc: dict | None = None
     name: str | None = None
     notes: str | None = None
 
@@ -168,6 +171,8 @@ def _default_classes(model_name: str) -> int:
 def family_of(model_name: str) -> str:
     if model_name.startswith("jcs_seg") or model_name.startswith("unet"):
         return "segmentation"
+    if model_name.startswith("deepsc"):
+        return "deepsc"
     if model_name.startswith("multiscale_cam"):
         return "multiscale_cam"
     if model_name.startswith("m3lung_slice"):
@@ -259,7 +264,7 @@ def _choice(value: Any, options: tuple, where: str) -> None:
 
 
 def _validate(cfg: TrainConfig) -> TrainConfig:
-    _choice(cfg.task, ("slice", "patient", "segmentation"), "task")
+    _choice(cfg.task, ("slice", "patient", "segmentation", "deepsc"), "task")
     fam = cfg.family or family_of(cfg.model.name)
     _choice(fam, FAMILIES, "family")
     cfg.family = fam
@@ -268,6 +273,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if (cfg.task == "segmentation") != (fam == "segmentation"):
         raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (segmentation task = segmentation family: "
                    "jcs_seg*, unet*)")
+    if (cfg.task == "deepsc") != (fam == "deepsc"):
+        raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (deepsc task = deepsc family)")
+    if cfg.task != "deepsc" and cfg.deepsc is not None:
+        raise _bad("the deepsc: section belongs to task: deepsc")
     from ..models import list_models
 
     if cfg.model.name not in list_models():
@@ -314,7 +323,9 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     _choice(t.optimizer, ("adam", "sgd"), "train.optimizer")
     _choice(t.scheduler, ("none", "step", "cosine", "poly") if seg else ("none", "step", "cosine"),
             "train.scheduler")
-    _choice(t.monitor, ("val_dice", "val_loss") if seg else ("val_auc", "val_acc", "val_loss"), "train.monitor")
+    monitors = (("val_dice", "val_loss") if seg else ("val_auc", "val_acc", "val_loss", "val_dice", "val_score")
+                if cfg.task == "deepsc" else ("val_auc", "val_acc", "val_loss"))
+    _choice(t.monitor, monitors, "train.monitor")
     _choice(t.bn_recalibrate, ("off", "end", "epoch"), "train.bn_recalibrate")
     _choice(t.device, ("cpu", "cuda", "auto"), "train.device")
     _choice(t.balance_by, ("class", "class_and_look"), "train.balance_by")
@@ -332,6 +343,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
             for k in cfg.augment:
                 if k not in known:
                     raise _bad(f"unknown config key 'augment.{k}' (known: {', '.join(sorted(known))})")
+    if cfg.task == "deepsc":
+        from .deepsc_options import DeepSCOptions
+
+        DeepSCOptions.from_config(cfg.deepsc)
     if cfg.task == "patient" and not cfg.patient.slice_checkpoint:
         raise _bad("the patient task needs patient.slice_checkpoint (a trained m3lung_slice checkpoint folder)")
     return cfg

@@ -30,6 +30,13 @@ def train_from_config(config: str | Path | TrainConfig, out: str | Path | None =
         if resume:
             raise PneumoctInputError("bad_argument", "the segmentation task does not resume; start a new run")
         metrics = fit_segmentation(cfg, out, progress=progress)
+    elif cfg.task == "deepsc":
+        from .task_deepsc import fit_deepsc
+
+        if resume:
+            raise PneumoctInputError("bad_argument", "the deepsc task does not resume; start a new run")
+        # it writes its own training-data fingerprint (of the volumes it trained on; it has no data.tables)
+        return fit_deepsc(cfg, out, progress=progress)
     elif cfg.task == "patient":
         from .patient import fit_patient
 

@@ -64,3 +64,46 @@ def phantom_volume_cohort(n_per_class: int, seed: int = 0, *, labels: Sequence[s
                 label=label, source=f"synthetic phantom (pneumoct.synth, seed {s})", group=f"phantom_{s}",
                 lesion=ph.lesion_mask.astype(np.uint8), slice_labels=ph.slice_lesion_labels.astype(bool)))
     return out
+
+
+def real_ctmd_volumes(studies: Sequence[str] = ("covid", "cap", "normal"), root: Any = None) -> list[VolumeCase]:
+    """The real covid-ct-md DICOM studies (``pneumoct.train.ctmd``: keys covid / cap / normal) as volume cases:
+    HU read by :func:`pneumoct.io.read_study`, lungs by :func:`pneumoct.preprocess.lung_mask.segment_lungs`, the
+    patient label of the folder, and the radiologists' slice labels (column i of ``Slice-level-labels-updated-1.npy``
+    = canonical slice i, superior first, established on this data in docs/data_notes.md; the normal study has no
+    row: all slices negative). No voxel lesion mask exists (``lesion`` None): a 3D task uses the slice labels as
+    weak supervision. Case ids and groups are ``covid-ct-md/<key>`` (no patient identifier)."""
+    from pathlib import Path
+
+    from ..errors import PneumoctInputError
+    from ..io import read_study
+    from ..preprocess.lung_mask import segment_lungs
+    from .ctmd import _CTMD_STUDIES, COVID_CT_MD_ROOT, _ctmd_label_rows
+
+    root = Path(root) if root is not None else COVID_CT_MD_ROOT
+    if not (root / "Slice-level-labels-updated-1.npy").is_file():
+        raise PneumoctInputError("not_found", f"covid-ct-md not found under {root}")
+    labels = np.load(root / "Slice-level-labels-updated-1.npy")
+    rows = _ctmd_label_rows(root)
+    out = []
+    for key in studies:
+        if key not in _CTMD_STUDIES:
+            raise PneumoctInputError("bad_argument", f"unknown covid-ct-md study {key!r}; choose from "
+                                     f"{', '.join(_CTMD_STUDIES)}")
+        folder, cls, folder_id = _CTMD_STUDIES[key]
+        study = read_study(root / "dicom" / folder)
+        nz = study.shape[0]
+        sl = np.zeros(nz, bool) if folder_id is None else labels[rows[folder_id], :nz] > 0
+        out.append(VolumeCase(
+            case_id=f"covid-ct-md/{key}", hu=study.hu.astype(np.int16),
+            spacing=tuple(float(v) for v in study.spacing), lung=segment_lungs(study).labels.astype(np.uint8),
+            label=cls, source=f"real covid-ct-md ({key} study)", group=f"covid-ct-md/{key}", lesion=None,
+            slice_labels=sl, extra={"dataset": "covid-ct-md", "metadata": {  # scanner facts for the fingerprint, no identifiers
+                k: study.metadata.get(k) for k in ("convolution_kernel", "manufacturer", "manufacturer_model_name",
+                                                   "slice_thickness_mm") if study.metadata.get(k) is not None}}))
+    return out
+
+
+def dataset_of(case: VolumeCase) -> str:
+    """The dataset a case comes from, as training provenance names it: ``phantom`` or e.g. ``covid-ct-md``."""
+    return str(case.extra.get("dataset") or ("phantom" if case.source.startswith("synthetic") else case.source))
