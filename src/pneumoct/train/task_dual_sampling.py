@@ -157,7 +157,11 @@ class DualSamplingPlugin(TaskPlugin):
     def monitor(self, metrics: dict) -> float:
         from .loop import monitor_value
 
-        return monitor_value(metrics, self.t.monitor)
+        v = monitor_value(metrics, self.t.monitor)
+        if self.t.monitor != "val_loss" and metrics.get("val_loss") is not None:
+            # a small synthetic validation set often saturates AUC/accuracy: ties go to the lower validation BCE
+            v -= 1e-3 * min(float(metrics["val_loss"]), 100.0)
+        return v
 
     def on_improved(self, epoch, model, best, recalibrated) -> None:
         if self._on_improved is not None:
