@@ -109,9 +109,10 @@ def load(kind: str) -> tuple[list, list[dict]]:
         f = _chunk_file(kind, seed, d, k, co, prep)
         if not f.is_file():
             raise SystemExit(f"{f.name} missing: run `prepare` first")
-        z = np.load(f)
-        for j, (cid, grp, y, r, rf, dd) in enumerate(json.loads(str(z["rows"]))):
-            cases.append(PreparedCase(cid, grp, "synthetic phantom", int(y), float(r), z["x"][j], z["m"][j]))
+        with np.load(f) as z:  # each z[...] access reads the whole array: read once per chunk
+            xs, ms, rows = z["x"], z["m"], json.loads(str(z["rows"]))
+        for j, (cid, grp, y, r, rf, dd) in enumerate(rows):
+            cases.append(PreparedCase(cid, grp, "synthetic phantom", int(y), float(r), xs[j], ms[j]))
             info.append({"ratio": r, "finder_ratio": rf, "difficulty": dd})
     return cases, info
 

@@ -218,3 +218,20 @@ def test_config_and_train_entry(tmp_path):
         assert (tmp_path / "run" / f).is_file()
     _, info = load_checkpoint(tmp_path / "run" / "best")
     assert info["meta"]["sampling"] == "size_balanced" and info["meta"]["data"]["synthetic"] is True
+
+
+def test_binary_metrics_and_given_lesion_mask(phantom, tmp_path):
+    from pneumoct.evaluate.classification import binary_metric_fn, binary_metrics, bootstrap_ci
+    from pneumoct.models.dual_sampling_system import analyse
+
+    y = np.array([1, 1, 1, 0, 0])
+    p = np.array([0.9, 0.6, 0.4, 0.3, 0.7])
+    m = binary_metrics(y, p)
+    assert (m["accuracy"], m["sensitivity"], m["specificity"]) == pytest.approx((0.6, 2 / 3, 0.5))
+    assert m["f1"] == pytest.approx(4 / 6) and m["auc"] == pytest.approx(4 / 6)
+    ci = bootstrap_ci(binary_metric_fn("auc"), y, np.stack([1 - p, p], 1), n_boot=50, seed=0)
+    assert ci["estimate"] == pytest.approx(4 / 6)
+    wdir = _tiny_weights(tmp_path)
+    out = analyse(phantom.study, phantom.lung_mask, str(wdir), lesion_mask=phantom.lesion_mask)
+    truth = np.count_nonzero(phantom.lesion_mask & (phantom.lung_mask > 0)) / np.count_nonzero(phantom.lung_mask)
+    assert out.info["infection_ratio"] == pytest.approx(truth)
