@@ -233,5 +233,5 @@ def test_binary_metrics_and_given_lesion_mask(phantom, tmp_path):
     assert ci["estimate"] == pytest.approx(4 / 6)
     wdir = _tiny_weights(tmp_path)
     out = analyse(phantom.study, phantom.lung_mask, str(wdir), lesion_mask=phantom.lesion_mask)
-    truth = np.count_nonzero(phantom.lesion_mask & (phantom.lung_mask > 0)) / np.count_nonzero(phantom.lung_mask)
+    truth = np.count_nonzero((phantom.lesion_mask > 0) & (phantom.lung_mask > 0)) / np.count_nonzero(phantom.lung_mask)
     assert out.info["infection_ratio"] == pytest.approx(truth)
