@@ -158,6 +158,16 @@ def test_training_learns():
         assert ((p >= 0.5) == np.array([c.label for c in val])).mean() > 0.6
 
 
+def test_infection_ratio_counts_consolidation():
+    from pneumoct.train.volumes import VolumeCase
+
+    lung = np.ones((2, 2, 2), np.uint8)
+    les = np.zeros((2, 2, 2), np.uint8)
+    les[0, 0, 0], les[1, 1, 1] = 1, 2  # one GGO, one consolidation voxel
+    v = VolumeCase("c", np.zeros((2, 2, 2), np.int16), (1.0, 1.0, 1.0), lung, "cap", "test", "c", lesion=les)
+    assert v.infection_ratio == pytest.approx(2 / 8)
+
+
 def test_save_reload_identical(tmp_path):
     torch.manual_seed(0)
     net = build_model("dual_sampling_rn34", attention=True, **TINY).eval()
@@ -233,5 +243,6 @@ def test_binary_metrics_and_given_lesion_mask(phantom, tmp_path):
     assert ci["estimate"] == pytest.approx(4 / 6)
     wdir = _tiny_weights(tmp_path)
     out = analyse(phantom.study, phantom.lung_mask, str(wdir), lesion_mask=phantom.lesion_mask)
-    truth = np.count_nonzero((phantom.lesion_mask > 0) & (phantom.lung_mask > 0)) / np.count_nonzero(phantom.lung_mask)
+    lung = phantom.lung_mask > 0
+    truth = np.count_nonzero((phantom.lesion_mask > 0) & lung) / np.count_nonzero(lung)
     assert out.info["infection_ratio"] == pytest.approx(truth)
