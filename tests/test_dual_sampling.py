@@ -85,7 +85,9 @@ def test_size_balanced_sampler():
     freq = np.bincount(groups[order], minlength=4) / len(order)
     np.testing.assert_allclose(freq, w / w.sum(), atol=0.02)
     assert np.array_equal(order, size_balanced_order(groups, 20000, seed=0))     # seeded
-    assert size_balanced_weights(np.array([1, 1, 2]))[[0, 3]].tolist() == [0.0, 0.0]  # empty groups never drawn
+    assert size_balanced_weights(np.array([1, 1, 2])).tolist() == [0.0, 1.0, 1.0, 0.0]  # empty: never drawn
+    # a class with one populated group keeps it (weight 1), instead of N_small^cap / N_large^cap = 0
+    assert size_balanced_weights(np.array([0, 1, 1, 3, 3])).tolist() == [0.5, 1.0, 0.0, 1.0]
 
 
 def test_ensemble_eq5():

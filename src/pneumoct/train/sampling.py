@@ -142,10 +142,14 @@ def size_balanced_groups(is_covid: Sequence[bool], ratio: Sequence[float]) -> np
 
 
 def size_balanced_weights(groups: Sequence[int]) -> np.ndarray:
-    """Sec. III-C group weights [N_large^covid / N_small^covid, 1, 1, N_small^cap / N_large^cap], with an empty
-    group weighted 0 (never drawn; the formula divides by its size). Returns the 4 weights (not normalised)."""
+    """Sec. III-C group weights [N_large^covid / N_small^covid, 1, 1, N_small^cap / N_large^cap]. Returns the 4
+    weights (not normalised).
+
+    The formula assumes all four groups are populated. An empty group gets weight 0 (never drawn), and when a
+    class has only one populated group that group gets weight 1 (there is nothing to balance it against; the
+    ratio would be 0 or undefined and would drop the whole class, e.g. a cohort without small-infection CAP)."""
     n = np.bincount(np.asarray(groups, np.int64), minlength=4).astype(float)
-    w = np.array([n[1] / n[0] if n[0] else 0.0, 1.0, 1.0, n[2] / n[3] if n[3] else 0.0])
+    w = np.array([n[1] / n[0] if n[0] and n[1] else 1.0, 1.0, 1.0, n[2] / n[3] if n[2] and n[3] else 1.0])
     w[n == 0] = 0.0
     return w
 
