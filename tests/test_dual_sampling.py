@@ -87,7 +87,7 @@ def test_size_balanced_sampler():
     assert np.array_equal(order, size_balanced_order(groups, 20000, seed=0))     # seeded
     assert size_balanced_weights(np.array([1, 1, 2])).tolist() == [0.0, 1.0, 1.0, 0.0]  # empty: never drawn
     # a class with one populated group keeps it (weight 1), instead of N_small^cap / N_large^cap = 0
-    assert size_balanced_weights(np.array([0, 1, 1, 3, 3])).tolist() == [0.5, 1.0, 0.0, 1.0]
+    assert size_balanced_weights(np.array([0, 1, 1, 3, 3])).tolist() == [2.0, 1.0, 0.0, 1.0]
 
 
 def test_ensemble_eq5():
