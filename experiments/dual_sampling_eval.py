@@ -5,6 +5,7 @@
     python experiments/dual_sampling_eval.py evaluate                   # held-out test cohort -> results JSON
     python experiments/dual_sampling_eval.py bundle                     # att_us + att_ss -> weights/dual_sampling
     python experiments/dual_sampling_eval.py real                       # 3 real covid-ct-md studies (anecdote)
+    python experiments/dual_sampling_eval.py results [--observations T] # the block in experiments/RESULTS.md
 
 Data: synthetic phantoms only (pneumoct.synth), COVID-19 vs CAP. Training cohort = ``configs/dual_sampling_cpu.yaml``
 ``dual.cohort`` (seed 7000), split patient-level 80/20 into train / validation (validation picks the epoch);
@@ -29,6 +30,7 @@ CACHE = ROOT / "data" / "cache" / "dual_sampling"
 RUNS = ROOT / "runs" / "dual_sampling_eval"
 OUT_JSON = ROOT / "experiments" / "results" / "dual_sampling_eval.json"
 TEST_SEED = 27000
+N_BOOT = 1000
 VARIANTS = {"rn34_us": ("RN34 + US", ["dual.attention=false", "dual.sampling=uniform"]),
             "att_us": ("Attention RN34 + US", ["dual.attention=true", "dual.sampling=uniform"]),
             "att_ss": ("Attention RN34 + SS", ["dual.attention=true", "dual.sampling=size_balanced"])}
@@ -140,7 +142,7 @@ def _metrics(y, p, seed=0) -> dict:
     res = binary_metrics(y, p)
     res["ci95"] = {}
     for k in ("auc", "accuracy", "sensitivity", "specificity", "f1"):
-        ci = bootstrap_ci(binary_metric_fn(k), y, pp, n_boot=1000, seed=seed)
+        ci = bootstrap_ci(binary_metric_fn(k), y, pp, n_boot=N_BOOT, seed=seed)
         res["ci95"][k] = [ci["low"], ci["high"]]
     return res
 
@@ -186,7 +188,7 @@ def evaluate() -> dict:
     for a, b in pairs:
         for metric in ("auc", "accuracy"):
             pv = bootstrap_p_value(binary_metric_fn(metric), y, np.stack([1 - probs[a], probs[a]], 1),
-                                   np.stack([1 - probs[b], probs[b]], 1), n_boot=2000, seed=0)
+                                   np.stack([1 - probs[b], probs[b]], 1), n_boot=2 * N_BOOT, seed=0)
             res["paired_auc_p"][f"{names[a]} vs {names[b]} ({metric})"] = {
                 "difference": pv["difference"], "p_value": pv["p_value"]}
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +220,60 @@ def markdown(res: dict) -> str:
     for k, v in res["paired_auc_p"].items():
         lines.append(f"| {k} | {_f(v['difference'])} | {_f(v['p_value'])} |")
     return "\n".join(lines)
+
+
+def results_section(res: dict, observations: str = "") -> str:
+    """The ``<!-- dual-sampling -->`` block of experiments/RESULTS.md."""
+    d = res["data"]
+    out = ["<!-- dual-sampling -->", "## Dual-sampling attention network: RN34 / Attention RN34 + US / + SS / + DS "
+           "(synthetic phantoms; issue 12)", "",
+           "Reproduces: Ouyang et al., Dual-Sampling Attention Network for Diagnosis of COVID-19 from Community "
+           "Acquired Pneumonia (IEEE TMI 2020), Tables II-III (test-set rows), COVID-19 (positive) vs CAP.", "",
+           f"- **Data: synthetic phantoms only** (`pneumoct.synth` 1.1, 128 px, 48 slices, difficulties "
+           f"{d['train']['difficulties']}). Training cohort seed {d['train']['seed']}: {d['n_train_total']} phantoms, "
+           "patient-level split 80/20 (seed 0) into training / validation (validation picked the epoch). "
+           f"**Held-out test cohort** seed {d['test']['seed']}: {d['n_test']} phantoms ({d['n_test_covid19']} "
+           f"COVID-19 / {d['n_test_cap']} CAP), disjoint seeds, never used for training or selection. Same split "
+           "and test set for every row.",
+           "- Networks: `dual_sampling_rn34`, width 8 (paper 64), grid 64 x 96 x 96 after a lung-box crop, Adam "
+           "lr 1e-3 cosine, batch 4, <= 30 epochs (early stopping 10), 1 thread (`configs/dual_sampling_cpu.yaml`). "
+           "Size groups and L_ex from the phantoms' voxel truth; Eq. 5's ratio from our threshold lesion finder "
+           f"(as deployed; rank correlation with the truth {res['finder_vs_truth_ratio']['spearman_like_corr']:.2f}, "
+           f"median |difference| {res['finder_vs_truth_ratio']['median_abs_diff']:.4f}).",
+           "- Threshold 0.5; [95 % bootstrap CI, 1000 resamples] via `pneumoct.evaluate` (`binary_metrics`, "
+           "`bootstrap_ci`); paired tests: paired bootstrap (`bootstrap_p_value`, 2000) on the same test cases (the "
+           "paper used paired t-tests over folds). **5-fold cross-validation: not run** (CPU time; one training "
+           "per variant, so seed noise is not measured).",
+           "- **Not clinical accuracy, not comparable with the paper's numbers.**", "",
+           markdown(res), ""]
+    real = res.get("real_covid_ct_md", {}).get("studies")
+    if real:
+        out += ["Real data (3 COVID-CT-MD studies through `analyse` with the bundled US + SS networks): **an anecdote, "
+                "not a figure**; the normal study is outside the COVID-19-vs-CAP task.", "",
+                "| study (truth) | P(COVID-19) US | SS | ensemble | finder ratio | w_US | s |", "|---|---|---|---|---|---|---|"]
+        for k, v in real.items():
+            p = v["p_covid19"]
+            out.append(f"| {k} | {_f(p['us'])} | {_f(p['ss'])} | {_f(p['ensemble'])} | "
+                       f"{_f(v['infection_ratio_finder'], 4)} | {v['ensemble_weight_us']} | {v['seconds']} |")
+        out.append("")
+    if observations:
+        out += [observations, ""]
+    out.append("<!-- /dual-sampling -->")
+    return "\n".join(out)
+
+
+def write_results(observations: str = "") -> None:
+    import re
+
+    res = json.loads(OUT_JSON.read_text())
+    md = ROOT / "experiments" / "RESULTS.md"
+    text = md.read_text()
+    block = results_section(res, observations)
+    if "<!-- dual-sampling -->" in text:
+        text = re.sub(r"<!-- dual-sampling -->.*?<!-- /dual-sampling -->", lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    md.write_text(text)
 
 
 def bundle() -> None:
@@ -315,7 +371,8 @@ def real() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real"))
+    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results"))
+    ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block")
     ap.add_argument("variant", nargs="?", choices=tuple(VARIANTS))
     ap.add_argument("--max-chunks", type=int, default=None)
     a = ap.parse_args(argv)
@@ -326,7 +383,8 @@ def main(argv=None) -> int:
             ap.error("train needs a variant")
         train(a.variant)
     else:
-        {"evaluate": evaluate, "bundle": bundle, "real": real}[a.step]()
+        {"evaluate": evaluate, "bundle": bundle, "real": real,
+         "results": lambda: write_results(a.observations)}[a.step]()
     return 0
 
 

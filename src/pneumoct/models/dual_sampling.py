@@ -68,7 +68,7 @@ def attention_map(f: torch.Tensor, w: torch.Tensor, size: tuple[int, int, int], 
 class DualSamplingNet(nn.Module):
     """3D ResNet-34 with stride 1 in the last stage and an optional online attention module.
 
-    Input x: (B, in_channels, Z, Y, X), Z, Y, X multiples of 16. Output dict:
+    Input x: (B, in_channels, Z, Y, X) (features at ceil(Z/16) etc.; exactly 1/16 for multiples of 16). Output dict:
       ``logit`` (B,) — COVID-19 (1) vs CAP (0), trained with BCE;
       ``features`` (B, 8w, Z/16, Y/16, X/16) — the last stage, stride 1 (Sec. III-A);
       ``cam`` (B, 1, Z/16, Y/16, X/16) — A of Eq. 1 (always computed: for the plain RN34 it is the offline CAM);

@@ -367,8 +367,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
 def _validate_dual(cfg: TrainConfig) -> None:
     du = cfg.dual
     _choice(du.sampling, ("uniform", "size_balanced"), "dual.sampling")
-    if len(du.size) != 3 or any(int(v) < 16 or int(v) % 16 for v in du.size):
-        raise _bad(f"dual.size must be three multiples of 16 (features at 1/16), got {du.size}")
+    if len(du.size) != 3 or any(int(v) < 16 for v in du.size):
+        raise _bad(f"dual.size must be three sizes >= 16 (Z, Y, X; features at ceil(size / 16)), got {du.size}")
     if du.factor <= 0 or du.lambda_ex < 0:
         raise _bad("dual.factor must be > 0 and dual.lambda_ex >= 0")
     known = {"n_per_class", "seed", "matrix", "n_slices", "difficulties"}
