@@ -248,3 +248,22 @@ def test_binary_metrics_and_given_lesion_mask(phantom, tmp_path):
     lung = phantom.lung_mask > 0
     truth = np.count_nonzero((phantom.lesion_mask > 0) & lung) / np.count_nonzero(lung)
     assert out.info["infection_ratio"] == pytest.approx(truth)
+
+
+def test_bundled_weights_small_synthetic_and_loadable():
+    from pneumoct.models.dual_sampling_system import load_networks, resolve_weights
+
+    try:
+        d = resolve_weights(None)
+    except PneumoctInputError:
+        pytest.skip("no bundled dual-sampling weights in this checkout")
+    assert sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) < 5 * 1024 * 1024
+    for f in ("model_card.md", "fingerprint.json"):
+        assert (d / f).is_file()
+    assert "synthetic phantoms" in (d / "model_card.md").read_text()
+    nets = load_networks(d)
+    for n in ("us", "ss"):
+        model, info = nets[n]
+        assert info["meta"]["data"]["synthetic"] is True and info["meta"]["attention"] is True
+        assert next(model.parameters()).dtype == torch.float32
+    assert nets["us"][1]["meta"]["sampling"] == "uniform" and nets["ss"][1]["meta"]["sampling"] == "size_balanced"
