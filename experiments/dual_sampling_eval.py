@@ -6,6 +6,7 @@
     python experiments/dual_sampling_eval.py bundle                     # att_us + att_ss -> weights/dual_sampling
     python experiments/dual_sampling_eval.py real                       # 3 real covid-ct-md studies (anecdote)
     python experiments/dual_sampling_eval.py results [--observations T] # the block in experiments/RESULTS.md
+    python experiments/dual_sampling_eval.py train VARIANT --seed 1; ... seeds  # replicate training seed 1
 
 Data: synthetic phantoms only (pneumoct.synth), COVID-19 vs CAP. Training cohort = ``configs/dual_sampling_cpu.yaml``
 ``dual.cohort`` (seed 7000), split patient-level 80/20 into train / validation (validation picks the epoch);
@@ -37,10 +38,15 @@ VARIANTS = {"rn34_us": ("RN34 + US", ["dual.attention=false", "dual.sampling=uni
 GROUPS = (("<0.005", 0.0, 0.005), ("0.005-0.030", 0.005, 0.030), (">0.030", 0.030, 2.0))
 
 
-def _cfg(variant: str = "att_us"):
+def _cfg(variant: str = "att_us", seed: int = 0):
     from pneumoct.train.config import load_config
 
-    return load_config(CONFIG, VARIANTS[variant][1] + [f"name=dual_sampling_eval_{variant}"])
+    return load_config(CONFIG, VARIANTS[variant][1] + [f"name=dual_sampling_eval_{variant}", f"train.seed={seed}"])
+
+
+def _runs(seed: int = 0) -> Path:
+    """Seed 0: the reported runs (bundled); other training seeds beside them, to see the spread."""
+    return RUNS if seed == 0 else RUNS.with_name(f"{RUNS.name}_seed{seed}")
 
 
 def _chunks(cohort: dict):
@@ -119,18 +125,18 @@ def load(kind: str) -> tuple[list, list[dict]]:
     return cases, info
 
 
-def train(variant: str) -> dict:
+def train(variant: str, seed: int = 0) -> dict:
     from pneumoct.train.task_dual_sampling import fit_dual_sampling
 
     torch.set_num_threads(1)
     cases, _ = load("train")
-    out = RUNS / variant
+    out = _runs(seed) / variant
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     t0 = time.time()
-    m = fit_dual_sampling(_cfg(variant), out, progress=False, cases=cases)
+    m = fit_dual_sampling(_cfg(variant, seed), out, progress=False, cases=cases)
     print(variant, f"{time.time() - t0:.0f} s", m["best"], flush=True)
     return m
 
@@ -247,6 +253,18 @@ def results_section(res: dict, observations: str = "") -> str:
            "per variant, so seed noise is not measured).",
            "- **Not clinical accuracy, not comparable with the paper's numbers.**", "",
            markdown(res), ""]
+    reps = res.get("seed_replicates")
+    if reps:
+        names = {**{k: v[0] for k, v in VARIANTS.items()}, "att_ds": "Attention RN34 + DS"}
+        out += ["Training-seed replicate (same data, split and test set; `train.seed` changed only): AUC / accuracy on "
+                "the held-out test cohort, seed 0 (above) vs the replicate.", "",
+                "| model | seed 0 | " + " | ".join(f"seed {k}" for k in reps) + " |",
+                "|---|---|" + "---|" * len(reps)]
+        for k, name in names.items():
+            m0 = res["overall"][name]
+            out.append(f"| {name} | {_f(m0['auc'])} / {_f(m0['accuracy'])} | "
+                       + " | ".join(f"{_f(r[k]['auc'])} / {_f(r[k]['accuracy'])}" for r in reps.values()) + " |")
+        out.append("")
     real = res.get("real_covid_ct_md", {}).get("studies")
     if real:
         out += ["Real data (3 COVID-CT-MD studies through `analyse` with the bundled US + SS networks): **an anecdote, "
@@ -344,6 +362,29 @@ def model_card() -> str:
     return "\n".join(lines)
 
 
+def seed_spread(seeds=(1,)) -> dict:
+    """Overall test metrics of the replicate runs (other training seeds, same data and split), merged into the
+    results JSON under ``seed_replicates``."""
+    from pneumoct.evaluate.classification import binary_metrics
+    from pneumoct.models.checkpoint import load_checkpoint
+    from pneumoct.models.dual_sampling import dual_sampling_ensemble
+    from pneumoct.train.task_dual_sampling import predict
+
+    cases, info = load("test")
+    y = np.array([c.label for c in cases])
+    finder = np.array([i["finder_ratio"] for i in info])
+    res = json.loads(OUT_JSON.read_text())
+    out = res.setdefault("seed_replicates", {})
+    for sd in seeds:
+        probs = {v: predict(load_checkpoint(_runs(sd) / v / "best")[0], cases) for v in VARIANTS}
+        probs["att_ds"] = dual_sampling_ensemble(probs["att_us"], probs["att_ss"], finder)
+        out[str(sd)] = {k: {m: binary_metrics(y, p)[m] for m in ("auc", "accuracy", "sensitivity", "specificity")}
+                        for k, p in probs.items()}
+        print(sd, json.dumps(out[str(sd)]))
+    OUT_JSON.write_text(json.dumps(res, indent=1) + "\n")
+    return out
+
+
 def real() -> dict:
     """The 3 real covid-ct-md studies through ``analyse`` with the bundled weights: an anecdote, not a figure."""
     from pneumoct.io import read_study
@@ -372,7 +413,8 @@ def real() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results"))
+    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results", "seeds"))
+    ap.add_argument("--seed", type=int, default=0, help="training seed (train); 0 = the reported runs")
     ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block")
     ap.add_argument("variant", nargs="?", choices=tuple(VARIANTS))
     ap.add_argument("--max-chunks", type=int, default=None)
@@ -382,9 +424,9 @@ def main(argv=None) -> int:
     elif a.step == "train":
         if not a.variant:
             ap.error("train needs a variant")
-        train(a.variant)
+        train(a.variant, a.seed)
     else:
-        {"evaluate": evaluate, "bundle": bundle, "real": real,
+        {"evaluate": evaluate, "bundle": bundle, "real": real, "seeds": seed_spread,
          "results": lambda: write_results(a.observations)}[a.step]()
     return 0
 
