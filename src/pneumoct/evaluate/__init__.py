@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .classification import (
     accuracy_metric,
+    binary_metric_fn,
+    binary_metrics,
     bootstrap_ci,
     bootstrap_p_value,
     classification_report,
@@ -29,6 +31,8 @@ from .segmentation import (
 
 __all__ = [
     "accuracy_metric",
+    "binary_metric_fn",
+    "binary_metrics",
     "bootstrap_ci",
     "bootstrap_p_value",
     "classification_report",

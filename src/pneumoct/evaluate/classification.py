@@ -169,6 +169,34 @@ def accuracy_metric(y_true: Any, y_prob: Any) -> float:
     return float(np.mean(np.argmax(p, axis=1) == t))
 
 
+def binary_metrics(y_true: Any, score: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """Two-class results in the dual-sampling paper's terms (Sec. IV-C): AUC, and accuracy, sensitivity,
+    specificity and F1 at ``threshold`` on the positive-class score. ``y_true`` 0/1. Undefined values are None."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    if y.size != s.size:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    pred = s >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    tn = int(np.sum(~pred & (y == 0)))
+    fp = int(np.sum(pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+    return {"n": int(y.size), "n_pos": int(tp + fn), "n_neg": int(tn + fp), "threshold": float(threshold),
+            "auc": roc_auc(y, s) if 0 < tp + fn < y.size else None,
+            "accuracy": _ratio(tp + tn, y.size), "sensitivity": _ratio(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def binary_metric_fn(name: str, threshold: float = 0.5) -> MetricFn:
+    """A ``metric_fn`` for :func:`bootstrap_ci` / :func:`bootstrap_p_value` computing ``binary_metrics[name]``
+    from (N, 2) probabilities (column 1 = positive class)."""
+    def fn(y: np.ndarray, p: np.ndarray) -> float | None:
+        return binary_metrics(y, np.asarray(p)[:, 1], threshold)[name]
+
+    fn.__name__ = f"binary_{name}"
+    return fn
+
+
 def _abnormal_score(p: np.ndarray) -> np.ndarray:
     """Probability of "not healthy" = 1 - p_healthy after normalising each row to sum 1.
 

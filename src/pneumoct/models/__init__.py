@@ -36,7 +36,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_FAMILIES = ("multiscale_cam", "m3lung", "jcs", "jcs_seg", "unet", "deepsc")
+_FAMILIES = ("multiscale_cam", "m3lung", "jcs", "jcs_seg", "unet", "deepsc", "dual_sampling")
 
 
 def _load_families() -> None:

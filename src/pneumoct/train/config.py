@@ -20,6 +20,7 @@ Schema (defaults in the dataclasses below; see ``docs/training.md``)::
     patient: {slice_checkpoint, window_centers, max_slices, feature_batch_size}
     deepsc:  the 3D DeepSC-COVID task's own section (volumes, input sizes, losses, two-stage schedule), checked by
              pneumoct.train.task_deepsc.DeepSCOptions
+    dual:    {sampling, attention, lambda_ex, size, factor, crop_to_lungs, cohort}   (task dual_sampling)
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ from ..types import CLASS_NAMES
 
 __all__ = ["TrainConfig", "ModelSpec", "DataConfig", "SplitConfig", "TrainOptions", "LossConfig", "PatientConfig",
            "load_config", "parse_config", "config_to_dict", "apply_overrides", "family_of", "class_names_for",
-           "TARGETS", "SEG_TARGETS", "FAMILIES"]
+           "TARGETS", "SEG_TARGETS", "FAMILIES", "DualConfig", "DUAL_CLASSES"]
 
-FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient", "segmentation", "deepsc")
+FAMILIES = ("multiscale_cam", "m3lung_slice", "jcs", "m3lung_patient", "segmentation", "deepsc",
+            "dual_sampling")
 # what a row's training label is, from the SliceTable columns
 TARGETS = {
     "class": None,                                   # class_label as is (CLASS_NAMES order, first K)
@@ -52,6 +54,8 @@ SEG_TARGETS = {
     "lesion_binary": ("background", "lesion"),                              # lesion_mask > 0; one sigmoid logit
     "lesion_multiclass": ("background", "ground_glass", "consolidation"),   # lesion_mask 0/1/2; softmax over 3
 }
+#: dual-sampling task: the paper's two classes, in logit order (0 = CAP, 1 = COVID-19)
+DUAL_CLASSES = ("cap", "covid19")
 TABLE_KINDS = ("phantom_cohort", "manifest", "covid_ct_md", "covid19_ct_seg_png", "medseg", "covid_ct_md_hybrid",
                "covid_ct_md_pseudo")
 
@@ -135,6 +139,21 @@ class PatientConfig:
 
 
 @dataclass
+class DualConfig:
+    """Dual-sampling attention network (task ``dual_sampling``, see ``pneumoct.train.task_dual_sampling``)."""
+
+    sampling: str = "uniform"          # uniform | size_balanced (Sec. III-C)
+    attention: bool = True             # online attention module + L_ex; false = the plain RN34 baseline
+    lambda_ex: float = 0.5             # Eq. 4
+    size: list = field(default_factory=lambda: [138, 256, 256])   # network grid (Z, Y, X), Sec. IV-B
+    factor: float = 2.0                # common shrink factor after resampling to 0.7168 x 0.7168 x 1.25 mm
+    crop_to_lungs: bool = False        # not in the paper; the CPU setting spends its few voxels on the lungs
+    # synthetic training cohort (pneumoct.train.volumes.phantom_volume_cohort), one chunk per difficulty
+    cohort: dict = field(default_factory=lambda: {"n_per_class": 40, "seed": 7000, "matrix": 128, "n_slices": 48,
+                                                  "difficulties": [0.0, 0.5, 1.0]})
+
+
+@dataclass
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     task: str = "slice"
@@ -146,6 +165,7 @@ class TrainConfig:
     augment: dict | None = None
     patient: PatientConfig = field(default_factory=PatientConfig)
     deepsc: dict | None = None
+    dual: DualConfig = field(default_factory=DualConfig)
     name: str | None = None
     notes: str | None = None
 
@@ -157,6 +177,8 @@ class TrainConfig:
     def class_names(self) -> list[str]:
         if self.task == "segmentation":
             return list(SEG_TARGETS[self.data.target])
+        if self.task == "dual_sampling":
+            return list(DUAL_CLASSES)
         return class_names_for(self.data.target, self.num_classes)
 
 
@@ -169,6 +191,8 @@ def _default_classes(model_name: str) -> int:
 
 
 def family_of(model_name: str) -> str:
+    if model_name.startswith("dual_sampling"):
+        return "dual_sampling"
     if model_name.startswith("jcs_seg") or model_name.startswith("unet"):
         return "segmentation"
     if model_name.startswith("deepsc"):
@@ -264,7 +288,7 @@ def _choice(value: Any, options: tuple, where: str) -> None:
 
 
 def _validate(cfg: TrainConfig) -> TrainConfig:
-    _choice(cfg.task, ("slice", "patient", "segmentation", "deepsc"), "task")
+    _choice(cfg.task, ("slice", "patient", "segmentation", "deepsc", "dual_sampling"), "task")
     fam = cfg.family or family_of(cfg.model.name)
     _choice(fam, FAMILIES, "family")
     cfg.family = fam
@@ -277,6 +301,10 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (deepsc task = deepsc family)")
     if cfg.task != "deepsc" and cfg.deepsc is not None:
         raise _bad("the deepsc: section belongs to task: deepsc")
+    if (cfg.task == "dual_sampling") != (fam == "dual_sampling"):
+        raise _bad(f"task {cfg.task!r} does not fit family {fam!r} (dual_sampling task = dual_sampling_* models)")
+    if cfg.task == "dual_sampling":
+        _validate_dual(cfg)
     from ..models import list_models
 
     if cfg.model.name not in list_models():
@@ -312,7 +340,7 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         ic = cfg.model.kwargs.setdefault("in_channels", d.channels)
         if ic != d.channels:
             raise _bad(f"model.kwargs.in_channels={ic} but data.channels={d.channels}")
-    if not seg:
+    if not seg and cfg.task != "dual_sampling":
         class_names_for(d.target, cfg.num_classes)
     s = cfg.split
     if not 0.0 < s.val_fraction < 1.0 and s.kfold is None:
@@ -350,6 +378,25 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.task == "patient" and not cfg.patient.slice_checkpoint:
         raise _bad("the patient task needs patient.slice_checkpoint (a trained m3lung_slice checkpoint folder)")
     return cfg
+
+
+def _validate_dual(cfg: TrainConfig) -> None:
+    du = cfg.dual
+    _choice(du.sampling, ("uniform", "size_balanced"), "dual.sampling")
+    if len(du.size) != 3 or any(int(v) < 16 for v in du.size):
+        raise _bad(f"dual.size must be three sizes >= 16 (Z, Y, X; features at ceil(size / 16)), got {du.size}")
+    if du.factor <= 0 or du.lambda_ex < 0:
+        raise _bad("dual.factor must be > 0 and dual.lambda_ex >= 0")
+    known = {"n_per_class", "seed", "matrix", "n_slices", "difficulties"}
+    for k in du.cohort:
+        if k not in known:
+            raise _bad(f"unknown config key 'dual.cohort.{k}' (known: {', '.join(sorted(known))})")
+    # the variant keys live in dual; the network must agree (one place to switch attention on/off)
+    att = cfg.model.kwargs.setdefault("attention", du.attention)
+    if bool(att) != du.attention:
+        raise _bad(f"model.kwargs.attention={att} but dual.attention={du.attention}")
+    if cfg.model.kwargs.setdefault("num_classes", 1) != 1:
+        raise _bad("the dual-sampling network has one logit: model.kwargs.num_classes must be 1")
 
 
 def parse_config(raw: Any, base_dir: str | Path | None = None) -> TrainConfig:

@@ -1,5 +1,6 @@
 """Train any task from a config: the one entry point of ``pneumoct train`` (slice classifiers, segmentation,
-patient aggregation). It sits above the task modules (``loop``, ``segment``, ``patient``), which share
+patient aggregation, the dual-sampling 3D networks). It sits above the task modules (``loop``, ``segment``,
+``patient``, ``task_dual_sampling``), which share
 ``run.RunFolder`` and never import this module, so the training package has no import circle.
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ def train_from_config(config: str | Path | TrainConfig, out: str | Path | None =
             raise PneumoctInputError("bad_argument", "the deepsc task does not resume; start a new run")
         # it writes its own training-data fingerprint (of the volumes it trained on; it has no data.tables)
         return fit_deepsc(cfg, out, progress=progress)
+    elif cfg.task == "dual_sampling":
+        from .task_dual_sampling import fit_dual_sampling
+
+        return fit_dual_sampling(cfg, out, resume=resume, progress=progress)  # writes its own fingerprint
     elif cfg.task == "patient":
         from .patient import fit_patient
 

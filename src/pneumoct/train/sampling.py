@@ -12,7 +12,8 @@ import numpy as np
 
 from .table import SliceTable
 
-__all__ = ["m3lung_slice_rule", "patient_split", "patient_kfold", "class_balanced_sampler"]
+__all__ = ["m3lung_slice_rule", "patient_split", "patient_kfold", "class_balanced_sampler", "uniform_order",
+           "size_balanced_groups", "size_balanced_weights", "size_balanced_order", "SIZE_GROUPS"]
 
 
 def m3lung_slice_rule(table: SliceTable) -> SliceTable:
@@ -119,3 +120,48 @@ def class_balanced_sampler(labels: Sequence[int], num_samples: int | None = None
     g.manual_seed(int(seed))
     return WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), int(num_samples or len(labs)),
                                  replacement=True, generator=g)
+
+
+# ----------------------------------------------------------------------------- dual-sampling (Sec. III-C) samplers
+#: the four groups of the dual-sampling paper's size-balanced sampling, in the order of its weight vector
+SIZE_GROUPS = ("covid_small", "covid_large", "cap_small", "cap_large")
+COVID_SMALL_BELOW, CAP_LARGE_ABOVE = 0.030, 0.001
+
+
+def uniform_order(n: int, seed: int) -> np.ndarray:
+    """Uniform sampling (Sec. III-C): every training case once per epoch, in a seeded random order."""
+    return np.random.default_rng(seed).permutation(int(n))
+
+
+def size_balanced_groups(is_covid: Sequence[bool], ratio: Sequence[float]) -> np.ndarray:
+    """Group index (0..3, :data:`SIZE_GROUPS`) per case: COVID-19 small (ratio < 0.030) / large, CAP small /
+    large (ratio > 0.001), ratio = infection volume / lung volume."""
+    c = np.asarray(is_covid, bool)
+    r = np.asarray(ratio, float)
+    return np.where(c, np.where(r < COVID_SMALL_BELOW, 0, 1), np.where(r > CAP_LARGE_ABOVE, 3, 2)).astype(np.int64)
+
+
+def size_balanced_weights(groups: Sequence[int]) -> np.ndarray:
+    """Sec. III-C group weights [N_large^covid / N_small^covid, 1, 1, N_small^cap / N_large^cap]. Returns the 4
+    weights (not normalised).
+
+    The formula assumes all four groups are populated. An empty group gets weight 0 (never drawn), and when a
+    class has only one populated group that group gets weight 1 (there is nothing to balance it against; the
+    ratio would be 0 or undefined and would drop the whole class, e.g. a cohort without small-infection CAP)."""
+    n = np.bincount(np.asarray(groups, np.int64), minlength=4).astype(float)
+    w = np.array([n[1] / n[0] if n[0] and n[1] else 1.0, 1.0, 1.0, n[2] / n[3] if n[2] and n[3] else 1.0])
+    w[n == 0] = 0.0
+    return w
+
+
+def size_balanced_order(groups: Sequence[int], n_draws: int, seed: int) -> np.ndarray:
+    """Size-balanced sampling (Sec. III-C): each draw picks a group with probability W_g / W_sum, then a case of
+    that group uniformly (with replacement). Returns ``n_draws`` case indices."""
+    g = np.asarray(groups, np.int64)
+    w = size_balanced_weights(g)
+    if w.sum() <= 0:
+        raise ValueError("size-balanced sampling needs at least one non-empty group")
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(g == k) for k in range(4)]
+    picks = rng.choice(4, size=int(n_draws), p=w / w.sum())
+    return np.array([members[k][rng.integers(len(members[k]))] for k in picks], np.int64)

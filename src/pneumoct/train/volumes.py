@@ -40,7 +40,8 @@ class VolumeCase:
         if self.lesion is None:
             return None
         lung = int(np.count_nonzero(self.lung))
-        return float(np.count_nonzero(self.lesion & (self.lung > 0))) / lung if lung else 0.0
+        # (lesion > 0), not lesion & ...: consolidation is label 2, and 2 & True == 0
+        return float(np.count_nonzero((self.lesion > 0) & (self.lung > 0))) / lung if lung else 0.0
 
 
 def phantom_volume_cohort(n_per_class: int, seed: int = 0, *, labels: Sequence[str] = CLASS_NAMES,
