@@ -128,3 +128,21 @@ def test_volumetric_consistency_rule(probs, head, note):
     vol = VolumetricOutput(system="x", class_names=tuple(probs), probabilities=probs)
     got = volumetric_consistency(vol, {"label": head})
     assert (got is not None) == note and (got is None or got["code"] == "volumetric_disagrees")
+
+
+def test_run_system_hands_a_known_lesion_mask_only_to_systems_that_take_one(fake_system, monkeypatch):
+    study, _, _ = toy_chest(nz=12, n=48)
+    lungs = (study.hu < -500).astype(np.uint8)
+    seen = {}
+
+    def with_mask(study, lung_labels, weights_dir=None, *, lesion_mask=None):
+        seen["mask"] = lesion_mask
+        return _fake_analyse(study, lung_labels, weights_dir)
+
+    fake_system.with_mask = with_mask
+    monkeypatch.setitem(volumetric.SYSTEMS, "fake_mask", "pneumoct_fake_system:with_mask")
+    given = np.zeros(study.hu.shape, np.uint8)
+    volumetric.run_system("fake_mask", study, lungs, lesion_mask=given)
+    assert seen["mask"] is given
+    out = volumetric.run_system("fake", study, lungs, lesion_mask=given)  # no lesion_mask parameter: not passed
+    assert out.system == "fake"

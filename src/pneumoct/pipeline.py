@@ -148,7 +148,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         from .volumetric import run_system
 
         t = time.perf_counter()
-        volumetric = run_system(system, study, lungs.labels, weights_dir=opts.weights_dir)
+        volumetric = run_system(system, study, lungs.labels, weights_dir=opts.weights_dir,
+                                lesion_mask=threshold_finding.mask)
         timing["volumetric"] = time.perf_counter() - t
 
     finding = threshold_finding

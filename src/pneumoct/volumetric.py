@@ -10,6 +10,7 @@ the study's geometry and drawn in the report; its lesion mask, if any, can feed 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,6 +54,12 @@ def system_function(name: str) -> Callable[..., VolumetricOutput]:
     return getattr(importlib.import_module(module), func)
 
 
-def run_system(name: str, study: Any, lung_labels: np.ndarray, weights_dir: str | None = None) -> VolumetricOutput:
-    """Run the 3D system ``name`` on a study (a :class:`~pneumoct.types.StudyVolume`) and its lung labels."""
-    return system_function(name)(study, lung_labels, weights_dir=weights_dir).check(tuple(study.hu.shape))
+def run_system(name: str, study: Any, lung_labels: np.ndarray, weights_dir: str | None = None, *,
+               lesion_mask: np.ndarray | None = None) -> VolumetricOutput:
+    """Run the 3D system ``name`` on a study (a :class:`~pneumoct.types.StudyVolume`) and its lung labels.
+    ``lesion_mask``: a lesion mask the caller already has (e.g. the threshold baseline's), handed to systems that
+    take one (the dual-sampling ensemble's infection ratio) so they need not find the lesions again."""
+    func = system_function(name)
+    extra = {"lesion_mask": lesion_mask} if (lesion_mask is not None
+                                             and "lesion_mask" in inspect.signature(func).parameters) else {}
+    return func(study, lung_labels, weights_dir=weights_dir, **extra).check(tuple(study.hu.shape))
