@@ -36,9 +36,9 @@ _CACHE: dict[tuple, dict] = {}
 def resolve_weights(weights_dir: str | os.PathLike | None = None) -> Path:
     """The folder with ``us/`` and ``ss/``: ``weights_dir`` itself or its ``dual_sampling/``; None -> bundled."""
     if weights_dir is None:
-        env = os.environ.get("PNEUMOCT_WEIGHTS")
-        root = Path(env) if env else Path(__file__).resolve().parents[1] / "weights"
-        cands = [root / "dual_sampling"]
+        from ..learned import bundled_weights_dir  # $PNEUMOCT_WEIGHTS or the bundled folder, as for every model
+
+        cands = [bundled_weights_dir() / "dual_sampling"]
     else:
         cands = [Path(weights_dir), Path(weights_dir) / "dual_sampling"]
     for c in cands:
