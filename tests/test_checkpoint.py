@@ -95,3 +95,33 @@ def test_no_pickle_used(tmp_path, monkeypatch):
             assert torch.equal(torch.as_tensor(s1[k][n]), torch.as_tensor(s2[k][n]))
     for f in (tmp_path / "ck").iterdir():
         assert not f.read_bytes().startswith(b"\x80")  # no pickle stream
+
+
+def test_fold_batch_norms_keeps_outputs_and_removes_every_norm():
+    import torch
+
+    from pneumoct.models.blocks import resnet_trunk
+    from pneumoct.models.checkpoint import fold_batch_norms, for_cpu_inference
+
+    torch.manual_seed(0)
+    net = resnet_trunk(18, in_channels=1, width_mult=0.25)
+    for m in net.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        before = [t.clone() for t in net(x)]
+        n = fold_batch_norms(net)
+        after = net(x)
+    assert n > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    # a network in training mode is left alone (its statistics still move)
+    net2 = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    assert fold_batch_norms(net2) == 0
+    assert getattr(for_cpu_inference(net2), "_pneumoct_folded_bn") == 1

@@ -216,3 +216,21 @@ def test_cam_peak_lands_on_blob(trained):
         d = np.hypot(*(peak - ctr[pos]).T)
         assert np.mean(d < 8.0) > 0.7, (scale, d)  # blob sigma 3 px
         assert d.mean() < 0.4 * d_rand.mean(), (scale, d.mean(), d_rand.mean())
+
+
+def test_local_contrast_norm_box_mean_equals_average_pooling():
+    import torch
+    import torch.nn.functional as F
+
+    from pneumoct.models.multiscale_cam import LocalContrastNorm
+
+    torch.manual_seed(0)
+    for k, shape in [(15, (3, 1, 96, 80)), (5, (2, 2, 40, 40))]:
+        x = torch.rand(*shape) * 2 - 0.5
+        norm = LocalContrastNorm(k)
+        assert torch.allclose(norm._box_mean(x), F.avg_pool2d(x, k, stride=1), atol=1e-5)
+        pad = k // 2
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        mean = F.avg_pool2d(xp, k, stride=1)
+        std = (F.avg_pool2d(xp * xp, k, stride=1) - mean * mean).clamp_min(0).sqrt()
+        assert torch.allclose(norm(x), (x - mean) / (std + norm.floor), atol=1e-4)

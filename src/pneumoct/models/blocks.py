@@ -29,6 +29,9 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
     expansion = 1
+    # (conv, batch norm) attribute pairs where the norm takes only that conv's output: foldable for inference
+    # (pneumoct.models.checkpoint.fold_batch_norms)
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()
@@ -48,6 +51,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
         super().__init__()

@@ -70,9 +70,19 @@ class LocalContrastNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self.kernel // 2
         xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-        mean = F.avg_pool2d(xp, self.kernel, stride=1)
-        var = (F.avg_pool2d(xp * xp, self.kernel, stride=1) - mean * mean).clamp_min(0)
+        mean = self._box_mean(xp)
+        var = (self._box_mean(xp * xp) - mean * mean).clamp_min(0)
         return (x - mean) / (var.sqrt() + self.floor)
+
+    def _box_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean over every k x k window (no padding), from running sums along rows then columns: the value of
+        ``avg_pool2d(x, k, stride=1)`` up to float rounding (sums in float64), at O(1) instead of O(k^2) per pixel
+        (the k x k pool was ~60 % of this network's CPU time)."""
+        k = self.kernel
+        c = F.pad(x.to(torch.float64).cumsum(2), (0, 0, 1, 0))
+        rows = c[:, :, k:] - c[:, :, :-k]
+        c = F.pad(rows.cumsum(3), (1, 0, 0, 0))
+        return ((c[:, :, :, k:] - c[:, :, :, :-k]) / float(k * k)).to(x.dtype)
 
 
 class MultiScaleCAMNet(nn.Module):
