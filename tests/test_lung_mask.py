@@ -250,3 +250,15 @@ def test_collapsed_lobe_keeps_both_pieces_of_the_lung(healthy_phantom):
     assert above.sum() > 0.2 * right.sum() and below.sum() > 0.2 * right.sum()
     assert (lab[above] == LUNG_RIGHT).mean() > 0.95 and (lab[below] == LUNG_RIGHT).mean() > 0.95
     assert (lab[truth == LUNG_LEFT] == LUNG_LEFT).mean() > 0.95
+
+
+def test_upsampled_count_equals_count_on_the_study_grid():
+    import numpy as np
+
+    from pneumoct.preprocess.lung_mask import _upsample_labels, _upsampled_count
+
+    rng = np.random.default_rng(0)
+    for f in (1, 2, 3):
+        for shape in [(3, 10, 11), (2, 9, 9), (4, 12, 7)]:
+            w = rng.random((shape[0], -(-shape[1] // f), -(-shape[2] // f))) < 0.4
+            assert _upsampled_count(w, f, shape) == np.count_nonzero(_upsample_labels(w, f, shape))

@@ -113,6 +113,17 @@ def _upsample_labels(labels: np.ndarray, factor: int, shape: tuple[int, int, int
     return up[:, : shape[1], : shape[2]]
 
 
+def _upsampled_count(mask_work: np.ndarray, factor: int, shape: tuple[int, int, int]) -> int:
+    """``count_nonzero(_upsample_labels(mask_work, factor, shape))`` without building the study-grid volume: each
+    working pixel stands for factor x factor study pixels, fewer in the last row / column the crop cuts."""
+    if factor == 1:
+        return int(np.count_nonzero(mask_work))
+    per_pixel = mask_work.sum(axis=0, dtype=np.int64)  # (Yw, Xw)
+    wy = np.clip(shape[1] - factor * np.arange(per_pixel.shape[0]), 0, factor)
+    wx = np.clip(shape[2] - factor * np.arange(per_pixel.shape[1]), 0, factor)
+    return int(wy @ per_pixel @ wx)
+
+
 def _largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     lab, n = ndi.label(mask, structure=structure)
     if n == 0:
@@ -533,17 +544,28 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     The mediastinum (heart, great vessels) is also in the hull, but the line from the centre reaches it without
     crossing lung, so it is not added.
     """
-    hull = _convex_hull(m)
-    cand = hull & ~m & allowed
+    full = np.zeros_like(m)
+    rows = np.nonzero(m.any(axis=1))[0]
+    if rows.size == 0:
+        return full
+    # everything that can be a pocket lies in the lung's convex hull, so inside its bounding box: the masks and
+    # labels below live on that box (+1 px, so the touching test's dilation sees the same neighbours); the rays
+    # from the body centre are sampled on the whole slice (they leave the box)
+    cols_m = np.nonzero(m.any(axis=0))[0]
+    r0, c0 = max(int(rows[0]) - 1, 0), max(int(cols_m[0]) - 1, 0)
+    box = (slice(r0, int(rows[-1]) + 2), slice(c0, int(cols_m[-1]) + 2))
+    mb = m[box]
+    cand = _convex_hull(mb) & ~mb & allowed[box]
     # the medial band (mediastinum, anterior junction, spine) is never a pleural pocket
     cols = np.nonzero(allowed.any(axis=0))[0]
     if cols.size:
         half_width = 0.5 * (cols[-1] - cols[0] + 1)
         medial = np.abs(np.arange(m.shape[1]) - centre[1]) < medial_band * half_width
-        cand[:, medial] = False
+        cand[:, medial[box[1]]] = False
     if not cand.any():
-        return cand
-    py, px = np.nonzero(cand)
+        return full
+    by, bx = np.nonzero(cand)
+    py, px = by + r0, bx + c0
     t = np.linspace(0.05, 0.92, n_samples, dtype=np.float32)[:, None]
     ry = np.clip(np.rint(centre[0] + t * (py - centre[0])), 0, m.shape[0] - 1).astype(np.intp)
     rx = np.clip(np.rint(centre[1] + t * (px - centre[1])), 0, m.shape[1] - 1).astype(np.intp)
@@ -559,7 +581,7 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     lung_beyond = (m[oyi, oxi] & inside).any(axis=0)
     keep_px = crosses & ~lung_beyond
     out = np.zeros_like(cand)
-    out[py[keep_px], px[keep_px]] = True
+    out[by[keep_px], bx[keep_px]] = True
     # keep only pockets that touch the lung (a stray hull corner across the mediastinum is not a pocket)
     # Pockets larger than a fraction of the aerated lung in the slice are not trusted: at the lung bases the
     # hull reaches over the liver, spleen and bowel, which also lie beyond a thin lung sliver.
@@ -567,30 +589,31 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     if n:
         touching = np.zeros(n + 1, bool)
         # the dilation only on the pockets' box (+1 px): the same pixels as on the whole slice, ~10x cheaper
-        rs, cs = py[keep_px], px[keep_px]
-        box = (slice(max(int(rs.min()) - 1, 0), int(rs.max()) + 2),
-               slice(max(int(cs.min()) - 1, 0), int(cs.max()) + 2))
-        touching[np.unique(lab[box][ndi.binary_dilation(m[box]) & out[box]])] = True
+        rs, cs = by[keep_px], bx[keep_px]
+        pbox = (slice(max(int(rs.min()) - 1, 0), int(rs.max()) + 2),
+                slice(max(int(cs.min()) - 1, 0), int(cs.max()) + 2))
+        touching[np.unique(lab[pbox][ndi.binary_dilation(mb[pbox]) & out[pbox]])] = True
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        touching &= sizes <= max_pocket_fraction * m.sum()
+        touching &= sizes <= max_pocket_fraction * np.count_nonzero(mb)
         if basal and intensity is not None:
             # Below the lung's widest slice the lung wraps round the diaphragm domes, and the liver or spleen
             # dome looks exactly like a pocket lying *anterior* to the lung crescent. Such a pocket is accepted
             # only with evidence of lung disease inside it (ground-glass or air bronchograms below -300 HU, away
             # from the partial-volume rim next to the aerated lung); homogeneous solid organ is not.
-            lung_row = float(np.nonzero(m)[0].mean())
-            rows = np.nonzero(out)[0]
-            row_sum = np.bincount(lab[out], weights=rows.astype(np.float64), minlength=n + 1)
+            lung_row = float(np.nonzero(mb)[0].mean())  # box rows, like `rows` below
+            rows_out = np.nonzero(out)[0]
+            row_sum = np.bincount(lab[out], weights=rows_out.astype(np.float64), minlength=n + 1)
             anterior = row_sum / np.maximum(sizes, 1) < lung_row
-            interior = out & (ndi.distance_transform_edt(~m) > 2.5)
-            low = np.bincount(lab[interior], weights=(intensity[interior] < -300.0).astype(np.float64),
+            interior = out & (ndi.distance_transform_edt(~mb) > 2.5)
+            ib = intensity[box]
+            low = np.bincount(lab[interior], weights=(ib[interior] < -300.0).astype(np.float64),
                               minlength=n + 1)
             n_int = np.bincount(lab[interior], minlength=n + 1)
             evidence = low >= 0.2 * np.maximum(n_int, 1)
             touching &= ~anterior | evidence
         touching[0] = False
-        out = touching[lab]
-    return out
+        full[box] = touching[lab]
+    return full
 
 
 def _slice_closer(mask: np.ndarray, radius_px: float, centres: np.ndarray | None = None,
@@ -705,7 +728,9 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
         lung[box] &= ~ndi.binary_dilation(airway[box], structure=np.ones((1, 3, 3), bool))
     # drop what the airway removal cut off (e.g. the trachea's wall rim); every other lung-like piece stays, on the
     # side of the body midline that holds it (a small second lung, a lobe cut off by consolidation)
-    lung, extra_info = _lung_like_components(_drop_small(lung, p.min_lung_ml / 2, voxel_ml), work, p)
+    lung, lung_lab, n_lab = _drop_small_labelled(lung, p.min_lung_ml / 2, voxel_ml)
+    lung, extra_info = _lung_like_components(lung, work, p, labelled=(lung_lab, n_lab))
+    del lung_lab
     info.update(extra_info)
     centres = _body_centres(body)
     labels_work, split_info = split_left_right(lung, midline_col=_midline_col(centres, lung))
@@ -739,9 +764,8 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     labels_work[airway] = 0
 
     labels = _upsample_labels(labels_work, factor, hu.shape)
-    # (count_nonzero per label: np.bincount would first copy the uint8 volume to int64)
-    volumes = {name: round(float(np.count_nonzero(labels == lab_id) * study.voxel_volume_ml), 1)
-               for name, lab_id in (("right_ml", LUNG_RIGHT), ("left_ml", LUNG_LEFT))}
+    volumes = {name: round(float(_upsampled_count(labels_work == lab_id, factor, hu.shape) * study.voxel_volume_ml),
+                           1) for name, lab_id in (("right_ml", LUNG_RIGHT), ("left_ml", LUNG_LEFT))}
     info["volumes"] = volumes
     return LungMaskResult(labels=np.ascontiguousarray(labels, dtype=np.uint8), body_work=body, airway_work=airway,
                           factor=factor, info=info)
@@ -791,22 +815,27 @@ def _midline_col(centres: np.ndarray, lung: np.ndarray) -> float | None:
     return float(np.median(cols)) if cols.size else None
 
 
-def _lung_like_components(lung: np.ndarray, work: np.ndarray, p: LungMaskParams) -> tuple[np.ndarray, dict]:
+def _lung_like_components(lung: np.ndarray, work: np.ndarray, p: LungMaskParams,
+                          labelled: tuple[np.ndarray, int] | None = None) -> tuple[np.ndarray, dict]:
     """Keep the large air pieces (at least ``primary_fraction`` of the largest) and the smaller ones that look like
     lung: median density above ``gas_median_hu`` and at least half of their voxels within the slices of the large
-    pieces. Gas in the stomach, bowel or airways (~ -1000 HU) and pieces below the lungs are dropped."""
-    lab, n = ndi.label(lung, structure=_STRUCT_6)
-    if n <= 1:
-        return lung, {}
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    pieces. Gas in the stomach, bowel or airways (~ -1000 HU) and pieces below the lungs are dropped.
+    ``labelled``: (labels, n) of ``lung``'s 6-connected components, if already at hand (label 0 and unused
+    numbers outside ``lung``)."""
+    lab, n = labelled if labelled is not None else ndi.label(lung, structure=_STRUCT_6)
+    # sizes from the lung's voxels only; with ``labelled`` some label numbers may be unused (dropped pieces)
+    sizes = np.bincount(lab.ravel()[np.flatnonzero(lung)], minlength=n + 1)
     sizes[0] = 0
+    present = sizes > 0
+    if np.count_nonzero(present) <= 1:
+        return lung, {}
     keep = sizes >= p.primary_fraction * sizes.max()
     keep[0] = False
     objs = ndi.find_objects(lab)
     z0 = min(objs[i - 1][0].start for i in np.flatnonzero(keep))
     z1 = max(objs[i - 1][0].stop for i in np.flatnonzero(keep))
     kept, dropped = 0, 0
-    for i in np.flatnonzero(~keep[1:]) + 1:
+    for i in np.flatnonzero(~keep & present):
         sl = objs[i - 1]
         comp = lab[sl] == i
         per_z = comp.sum(axis=(1, 2))
@@ -835,16 +864,20 @@ def _body_centres(body: np.ndarray) -> np.ndarray:
     return centres
 
 
-def _drop_small(mask: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
+def _drop_small_labelled(mask: np.ndarray, min_ml: float, voxel_ml: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mask without its 6-connected pieces under ``min_ml``, labels of the pieces kept (dropped ones set to 0;
+    their numbers stay unused), number of labels): the kept pieces' labelling serves the next step too."""
     lab, n = ndi.label(mask, structure=_STRUCT_6)
     if n == 0:
-        return mask
+        return mask, lab, 0
     flat = np.flatnonzero(mask)  # the mask's voxels only (lung: a fifth of the volume)
     vox_lab = lab.ravel()[flat]
     keep = np.bincount(vox_lab, minlength=n + 1) * voxel_ml >= min_ml
     out = np.zeros(mask.shape, bool)
-    out.ravel()[flat[keep[vox_lab]]] = True
-    return out
+    kept = keep[vox_lab]
+    out.ravel()[flat[kept]] = True
+    lab.ravel()[flat[~kept]] = 0
+    return out, lab, n
 
 
 #: a 2D image is "cropped through the body" when less than this share of its border pixels is air; measured:
