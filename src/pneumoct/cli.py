@@ -283,12 +283,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def _keep_freed_memory() -> None:
+    """glibc only, this process only (never when pneumoct is imported as a library): serve allocations under 32 MB
+    from the heap and keep up to 1 GB of freed heap instead of returning it to the system at once. A study's
+    pipeline allocates and frees hundreds of slice-sized buffers; with glibc's defaults each one comes back as fresh
+    zeroed pages, and the page faults were ~2.8 s of system CPU per 148-slice study (measured: minor faults
+    311k -> 123k, system CPU 2.8 -> 1.7 s, peak RSS +2 %). Outputs are unaffected; failures are ignored."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers (malloc.h)
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum; larger arrays are still mapped and unmapped
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):  # not glibc (musl, ...): defaults stay
+        pass
+
+
 def run() -> None:
     """The `pneumoct` command: :func:`main`, then exit without the interpreter's teardown.
 
     Every output is complete when ``main`` returns (written, then renamed; result.json last), but tearing down the
     interpreter — PyTorch, SciPy, idle thread pools, a few GB of arrays — takes ~0.6 s of the ~8 s a study takes
-    (measured), so the process leaves at once after flushing its streams and logs."""
+    (measured), so the process leaves at once after flushing its streams and logs. Before anything runs, the
+    allocator is told to keep freed memory for reuse (:func:`_keep_freed_memory`)."""
+    _keep_freed_memory()
     code = main()
     try:
         sys.stdout.flush()
