@@ -1,7 +1,11 @@
 """Check explanation maps against lesion masks.
 
-All scorers take one 2D map and one 2D lesion mask of the **same shape** (register low-resolution maps with
-``resize_map_to`` first; ``score_explanations`` does that for you).
+All scorers take one map and one lesion mask of the **same shape** (register low-resolution maps with
+``resize_map_to`` first; ``score_explanations`` does that for you). ``pointing_game``, ``energy_inside``,
+``threshold_map`` and ``threshold_iou_dice`` also take n-D arrays (a 3D map of a volume and its voxel lesion mask),
+a ``region`` (e.g. the lungs: the map is read only there and the mask is cut to it) and, for the pointing game, the
+voxel ``spacing`` (the tolerance is then in its units, e.g. mm). ``box_hit_rate``, ``score_image`` and
+``score_explanations`` stay 2D (boxes are 2D).
 
 Conventions (also in ``docs/explanations.md``):
 
@@ -20,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_isodata
 
-from .boxes import Box, _as_2d_float, boxes_from_saliency, normalise_map, resize_map_to
+from .boxes import Box, _as_2d_float, boxes_from_saliency, resize_map_to
 
 __all__ = [
     "pointing_game",
@@ -37,73 +41,111 @@ __all__ = [
 METRICS = ("pointing_game", "energy_inside", "iou", "dice", "box_precision", "lesion_recall")
 
 
-def _check_pair(m, mask) -> tuple[np.ndarray, np.ndarray]:
-    a = _as_2d_float(m)
+def _as_nd_float(m, name: str = "map") -> np.ndarray:
+    """A 2D (H, W) or n-D (e.g. 3D (Z, Y, X)) map as float64, NaN/inf set to 0."""
+    a = np.asarray(m, dtype=np.float64)
+    if a.ndim < 2:
+        raise ValueError(f"{name} must be 2D (H, W) or n-D (e.g. Z, Y, X), got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty")
+    return np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _region(region, shape: tuple[int, ...]) -> np.ndarray | None:
+    if region is None:
+        return None
+    r = np.asarray(region) > 0
+    if r.shape != shape:
+        raise ValueError(f"region shape {r.shape} != map shape {shape}")
+    return r
+
+
+def _check_pair(m, mask, region=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(map, mask cut to the region, region or None); shapes must agree."""
+    a = _as_nd_float(m)
     k = np.asarray(mask)
-    if k.ndim != 2:
-        raise ValueError(f"mask must be 2D (H, W), got shape {k.shape}")
+    if k.ndim != a.ndim:
+        raise ValueError(f"mask must have the map's {a.ndim} dimensions, got shape {k.shape}")
     if a.shape != k.shape:
         raise ValueError(f"map shape {a.shape} != mask shape {k.shape}; register the map with resize_map_to")
-    return a, k > 0
+    r = _region(region, a.shape)
+    k = k > 0
+    return a, (k if r is None else k & r), r
 
 
 def _is_constant(a: np.ndarray) -> bool:
-    return float(a.max() - a.min()) <= 0.0
+    return a.size == 0 or float(a.max() - a.min()) <= 0.0
 
 
-def pointing_game(m, mask, tolerance_px: float = 15.0) -> bool | None:
-    """Pointing game (Zhang et al., 2016): hit when the map's maximum lies within ``tolerance_px`` (Euclidean,
-    pixels) of a lesion pixel. ``None`` for an empty mask; ``False`` for a constant map (no maximum to point with).
-    Ties at the maximum: the first in raster order is used."""
-    a, k = _check_pair(m, mask)
+def pointing_game(m, mask, tolerance_px: float = 15.0, *, spacing=None, region=None) -> bool | None:
+    """Pointing game (Zhang et al., 2016): hit when the map's maximum lies within ``tolerance_px`` (Euclidean) of a
+    lesion pixel / voxel. The tolerance is in pixels, or in the units of ``spacing`` (one value per axis, e.g. the
+    (z, y, x) voxel size in mm) when given. ``region``: the maximum is taken inside it only and the mask is cut to
+    it. ``None`` for an empty mask; ``False`` for a map constant (inside the region) — no maximum to point with.
+    Ties at the maximum: the first in raster order is used. Works for 2D and n-D arrays alike."""
+    a, k, r = _check_pair(m, mask, region)
     if not k.any():
         return None
-    if _is_constant(a):
+    vals = a if r is None else a[r]
+    if _is_constant(vals):
         return False
-    r, c = np.unravel_index(int(np.argmax(a)), a.shape)
-    if k[r, c]:
+    flat = int(np.argmax(vals)) if r is None else int(np.flatnonzero(r)[int(np.argmax(vals))])
+    p = np.array(np.unravel_index(flat, a.shape))
+    if k[tuple(p)]:
         return True
-    dist = ndi.distance_transform_edt(~k)  # distance of every pixel to the nearest lesion pixel
-    return bool(dist[r, c] <= float(tolerance_px))
+    sp = np.ones(a.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (a.ndim,):
+        raise ValueError(f"spacing needs one value per axis ({a.ndim}), got {spacing!r}")
+    # distance from the maximum to the nearest lesion pixel (the exact Euclidean distance a distance transform gives)
+    d2 = (((np.argwhere(k) - p) * sp) ** 2).sum(axis=1)
+    return bool(np.sqrt(float(d2.min())) <= float(tolerance_px))
 
 
-def energy_inside(m, mask) -> float | None:
-    """Fraction of the map's positive energy inside the mask: ``sum(max(m,0) * mask) / sum(max(m,0))``.
+def energy_inside(m, mask, *, region=None) -> float | None:
+    """Fraction of the map's positive energy inside the mask: ``sum(max(m,0) * mask) / sum(max(m,0))``; with a
+    ``region``, both sums run over the region only (and the mask is cut to it).
 
     Only the positive part counts (evidence *for* the class; for signed attributions take ``abs`` first if both
     signs matter). ``None`` for an empty mask, 0.0 for a map without positive energy. A uniform map scores the
-    mask's area fraction, which is the chance level."""
-    a, k = _check_pair(m, mask)
+    mask's share of the area (of the region), which is the chance level. 2D or n-D."""
+    a, k, r = _check_pair(m, mask, region)
     if not k.any():
         return None
     pos = np.clip(a, 0.0, None)
-    total = float(pos.sum())
+    total = float(pos.sum() if r is None else pos[r].sum())
     if total <= 0.0:
         return 0.0
     return float(pos[k].sum() / total)
 
 
-def threshold_map(m, threshold: str | float = "isodata") -> np.ndarray:
+def threshold_map(m, threshold: str | float = "isodata", *, region=None) -> np.ndarray:
     """Binary foreground of a map: ``"isodata"`` thresholds the raw map (``map > t``); a float thresholds the map
-    scaled to [0, 1] (``normalise_map(map) > t``). A constant map has no foreground."""
-    a = _as_2d_float(m)
-    if _is_constant(a):
+    scaled to [0, 1] (``normalise_map(map) > t``). With a ``region`` the threshold (and the scaling) comes from the
+    map's values inside it and the foreground lies inside it. A constant map (inside the region) has no foreground.
+    2D or n-D."""
+    a = _as_nd_float(m)
+    r = _region(region, a.shape)
+    vals = a if r is None else a[r]
+    if _is_constant(vals):
         return np.zeros(a.shape, dtype=bool)
     if isinstance(threshold, str):
         if threshold.lower() != "isodata":
             raise ValueError(f"threshold must be 'isodata' or a float, got {threshold!r}")
-        return a > threshold_isodata(a)
-    return normalise_map(a) > float(threshold)
+        fg = a > threshold_isodata(vals)
+    else:
+        lo, hi = float(vals.min()), float(vals.max())
+        fg = (a - lo) / (hi - lo) > float(threshold)
+    return fg if r is None else fg & r
 
 
-def threshold_iou_dice(m, mask, threshold: str | float = "isodata") -> tuple[float, float] | tuple[None, None]:
-    """IoU and Dice between the thresholded map (``threshold_map``) and the mask.
-
-    ``(None, None)`` for an empty mask; ``(0.0, 0.0)`` for a constant map (empty prediction)."""
-    a, k = _check_pair(m, mask)
+def threshold_iou_dice(m, mask, threshold: str | float = "isodata", *,
+                       region=None) -> tuple[float, float] | tuple[None, None]:
+    """IoU and Dice between the thresholded map (``threshold_map``, same ``region``) and the mask (cut to the
+    region). ``(None, None)`` for an empty mask; ``(0.0, 0.0)`` for a constant map (empty prediction). 2D or n-D."""
+    a, k, r = _check_pair(m, mask, region)
     if not k.any():
         return None, None
-    pred = threshold_map(a, threshold)
+    pred = threshold_map(a, threshold, region=r)
     inter = float(np.logical_and(pred, k).sum())
     ps, ks = float(pred.sum()), float(k.sum())
     union = ps + ks - inter
