@@ -3,6 +3,7 @@
 What a user waits for: ``python -m pneumoct diagnose STUDY --out DIR`` from process start to exit (result.json,
 report.html and both masks written), each run a fresh process, median of ``--repeats`` (default 3). Beside it:
 
+* ``pneumoct segment`` on the same real studies, whole command (target <= 5 s for ~150 slices);
 * the bare SimpleITK read of the same study (``ImageSeriesReader`` / ``ReadImage`` in a fresh process, median) —
   the issue's target is <= 6x that read and <= 8 s for ~150 slices;
 * the stage times ``result.json`` records (from the median run), and the peak RSS of the command's process;
@@ -80,6 +81,21 @@ def bench_study(path: str, tmp: str, repeats: int, data: str) -> dict:
             "files": med["files"], "label": med["label"], "lesion_volume_ml": med["lesion_volume_ml"]}
 
 
+def bench_segment(path: str, tmp: str, repeats: int, data: str) -> dict:
+    """``pneumoct segment STUDY --out DIR`` (lesion mask by the learned segmenter), whole command, fresh process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    runs = []
+    for i in range(repeats):
+        out = os.path.join(tmp, f"seg_{Path(path).name}_{i}")
+        wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "segment", path, "--out", out], env)
+        res = json.loads(Path(out, "segment.json").read_text())
+        runs.append({"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res.get("timing")})
+    walls = [r["wall_s"] for r in runs]
+    med = runs[walls.index(statistics.median_low(walls))]
+    return {"data": data, "command_wall_s_median": statistics.median(walls), "command_wall_s_runs": walls,
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "stages_s_median_run": med["stages_s"]}
+
+
 def _slope(xs: list[float], ys: list[float]) -> float | None:
     if len(xs) < 2:
         return None
@@ -98,7 +114,7 @@ def main() -> None:
                                  "python": platform.python_version()},
                      "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
                      "what": "python -m pneumoct diagnose STUDY --out DIR, process start to exit, fresh process",
-                     "real": {}, "synthetic_scaling": []}
+                     "real": {}, "segment_command": {}, "synthetic_scaling": []}
     with tempfile.TemporaryDirectory() as tmp:
         if CTMD.is_dir():
             cases = ("covid-P001",) if a.quick else ("covid-P001", "cap-cap001", "normal-normal001")
@@ -107,6 +123,10 @@ def main() -> None:
                 results["real"][case] = r
                 print(case, json.dumps({k: r[k] for k in ("n_slices", "command_wall_s_median",
                                                           "bare_sitk_read_s_median", "peak_rss_mb_max")}))
+            for case in cases:
+                r = bench_segment(str(CTMD / case), tmp, repeats, f"REAL: covid-ct-md/{case} (JPEG-Lossless DICOM)")
+                results["segment_command"][case] = r
+                print("segment", case, json.dumps({k: r[k] for k in ("command_wall_s_median", "peak_rss_mb_max")}))
         else:
             results["real"] = {"skipped": f"{CTMD} not found"}
         from pneumoct.io.writers import write_volume

@@ -322,13 +322,23 @@ def segment_path(input_path: str | Path, out_dir: str | Path, *, segmenter_path:
                                          "(weights/lesion_seg); give one with --model CHECKPOINT_DIR")
         elif not Path(segmenter_path).exists():
             raise PneumoctInputError("bad_checkpoint", f"{segmenter_path}: model folder does not exist")
-        # torch and the weights load in another thread while the study is read and its lungs found
+        # torch and the weights load in another thread while the lungs are found: started once the study is read
+        # (the pixel decode already uses every core; the import beside it made the read ~1 s slower, measured), or
+        # at the first call for 2D images
         from .parallel import Background
 
-        loading = Background(load_segmenter, segmenter_path, name="pneumoct-segmenter")
-        get_segmenter: Any = loading.result
+        loading: list[Background] = []
+
+        def start_loading() -> None:
+            if not loading:
+                loading.append(Background(load_segmenter, segmenter_path, name="pneumoct-segmenter"))
+
+        def get_segmenter() -> Segmenter:
+            start_loading()
+            return loading[0].result()
     else:
         get_segmenter = lambda: segmenter  # noqa: E731
+        start_loading = lambda: None  # noqa: E731
     out = Path(out_dir)
     is2d, images = _is_2d_input(src)
     if is2d:
@@ -336,7 +346,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, *, segmenter_path:
         _prepare_out(out)
         result = _segment_images(images, out, seg, binary=binary, threshold=threshold)
     else:
-        result = _segment_study(src, out, get_segmenter, binary=binary, threshold=threshold)
+        result = _segment_study(src, out, get_segmenter, binary=binary, threshold=threshold,
+                                after_read=start_loading)
         seg = get_segmenter()
     result["model"] = seg.provenance()
     result["threshold"] = float(threshold)
@@ -389,7 +400,8 @@ def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, th
     return mask, lungs, seg, margin
 
 
-def _segment_study(src: Path, out: Path, get_segmenter: Any, *, binary: bool, threshold: float) -> dict:
+def _segment_study(src: Path, out: Path, get_segmenter: Any, *, binary: bool, threshold: float,
+                   after_read: Any = None) -> dict:
     from .io import read_study
     from .io.writers import write_volume
 
@@ -397,6 +409,8 @@ def _segment_study(src: Path, out: Path, get_segmenter: Any, *, binary: bool, th
     t = time.perf_counter()
     study = read_study(src)
     timing["read"] = time.perf_counter() - t
+    if after_read is not None:
+        after_read()
     mask, lungs, seg, margin = segment_study(study, get_segmenter, binary=binary, threshold=threshold, timing=timing)
     segmenter = get_segmenter()
     _prepare_out(out)
