@@ -50,27 +50,36 @@ def _load(model_dir):
     return model, info, DeepSCInputSpec.from_dict(info["meta"]["input_spec"])
 
 
-def synthetic_cohort(model_dir: Path, n_per_class: int, seed: int, settings: dict) -> dict:
-    from pneumoct.evaluate.classification import bootstrap_ci, classification_report
-    from pneumoct.evaluate.run import abnormal_auc, macro_auc
+def cohort_predictions(model_dir: Path, cases: list) -> dict:
+    """A trained DeepSC-COVID folder on volume cases, through the chain ``diagnose`` runs: ``classes``, ``case_ids``,
+    ``y`` (N,) class indices, ``probs`` (N, K), ``dice`` (N,) lesion Dice on the study grid at 0.5 (None for a case
+    without lesion truth). Cases whose label is not among the model's classes are left out."""
     from pneumoct.evaluate.segmentation import dice
     from pneumoct.train.task_deepsc import target_index
-    from pneumoct.train.volumes import phantom_volume_cohort
 
     model, info, spec = _load(model_dir)
     names = info["meta"]["classes"]
-    cases = phantom_volume_cohort(n_per_class, seed, **settings)
-    ys, ps, dices = [], [], []
+    ids, ys, ps, dices = [], [], [], []
     for c in cases:
         y = target_index(c.label, names)
         if y is None:
             continue
         p, seg = _predict(model, spec, c.hu, c.lung, c.spacing)
+        ids.append(c.case_id)
         ys.append(y)
         ps.append(p)
-        if c.lesion is not None and c.lesion.any():
-            dices.append(dice(seg >= 0.5, c.lesion > 0))
-    y, p = np.asarray(ys), np.stack(ps)
+        dices.append(dice(seg >= 0.5, c.lesion > 0) if c.lesion is not None and c.lesion.any() else None)
+    return {"classes": names, "case_ids": ids, "y": np.asarray(ys), "probs": np.stack(ps), "dice": dices}
+
+
+def synthetic_cohort(model_dir: Path, n_per_class: int, seed: int, settings: dict) -> dict:
+    from pneumoct.evaluate.classification import bootstrap_ci, classification_report
+    from pneumoct.evaluate.run import abnormal_auc, macro_auc
+    from pneumoct.train.volumes import phantom_volume_cohort
+
+    pred = cohort_predictions(model_dir, phantom_volume_cohort(n_per_class, seed, **settings))
+    names, y, p = pred["classes"], pred["y"], pred["probs"]
+    dices = [v for v in pred["dice"] if v is not None]
     rep = classification_report(y, p, names, positive_is_abnormal=names[0] == "healthy")
     ci = {"accuracy": bootstrap_ci(lambda a, b: float((b.argmax(1) == a).mean()), y, p, seed=0),
           "macro_auc": bootstrap_ci(macro_auc, y, p, seed=0)}
