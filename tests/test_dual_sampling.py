@@ -267,3 +267,25 @@ def test_bundled_weights_small_synthetic_and_loadable():
         assert info["meta"]["data"]["synthetic"] is True and info["meta"]["attention"] is True
         assert next(model.parameters()).dtype == torch.float32
     assert nets["us"][1]["meta"]["sampling"] == "uniform" and nets["ss"][1]["meta"]["sampling"] == "size_balanced"
+
+
+def test_evaluate_command_scores_one_network_on_a_phantom_cohort(tmp_path):
+    """`pneumoct evaluate --checkpoint` on one dual-sampling network: COVID-19 vs CAP studies, others left out."""
+    import json
+
+    from pneumoct.cli import main
+    from pneumoct.synth.writer import synthesize_cohort
+
+    torch.manual_seed(0)
+    net = build_model("dual_sampling_rn34", attention=True, **TINY)
+    save_checkpoint(tmp_path / "net", net, "dual_sampling_rn34", {**TINY, "attention": True},
+                    {"family": "dual_sampling", "prep": {"size": [32, 48, 48], "factor": 2.0, "crop_to_lungs": True}})
+    cohort = tmp_path / "cohort"
+    synthesize_cohort(cohort, 6, seed=78, labels=("covid19", "cap", "healthy"), matrix=64, n_slices=16,
+                      formats=("nifti",))
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "net"), "--data", f"phantom_cohort:{cohort}",
+                 "--out", str(tmp_path / "ev"), "--bootstrap", "50"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 4 and "2 studies of other classes left out" in m["data"]
+    rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[-2:] == ["prob_cap", "prob_covid19"] or "prob_covid19" in rows[0]

@@ -128,8 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pred = read_predictions_csv(args.predictions)
         note = f"predictions file {Path(args.predictions).name}"
     else:
-        if not args.data or ":" not in args.data:
-            raise PneumoctInputError("bad_arguments", "--checkpoint needs --data KIND:PATH")
+        if not args.data:
+            raise PneumoctInputError("bad_arguments", "--checkpoint needs --data KIND[:PATH]")
         from .evaluate.from_checkpoint import predict_checkpoint
 
         pred, note = predict_checkpoint(args.checkpoint, args.data, level=args.level)
@@ -232,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", help="predictions CSV (case_id, y_true, prob_<class>..., [lesion_volume_ratio])")
     src.add_argument("--checkpoint", help="a trained model folder (model.safetensors + model.json) to run on --data")
-    p.add_argument("--data", help="with --checkpoint: KIND:PATH, KIND in phantom_cohort, manifest, covid_ct_md, "
-                   "covid19_ct_seg_png, medseg")
+    p.add_argument("--data", help="with --checkpoint: KIND[:PATH], KIND in phantom_cohort, manifest (these two need "
+                   "a PATH), covid_ct_md, covid19_ct_seg_png, medseg")
     p.add_argument("--level", choices=["slice", "patient"], default="slice",
-                   help="with --checkpoint: score slices, or patients (slice probabilities averaged)")
+                   help="with --checkpoint: score slices, or patients (slice probabilities averaged); 3D models "
+                   "(DeepSC-COVID, a dual-sampling network) always score whole studies")
     p.add_argument("--compare", help="a second predictions CSV on the same cases: paired bootstrap p-values")
     p.add_argument("--out", required=True, help="output folder: metrics.json, metrics.txt, roc.png")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")

@@ -1,5 +1,5 @@
-"""``pneumoct evaluate --checkpoint DIR --data KIND:PATH``: run a trained slice model on a data set and turn its
-outputs into :class:`~pneumoct.evaluate.run.Predictions` (slice level, or patient level by averaging).
+"""``pneumoct evaluate --checkpoint DIR --data KIND:PATH``: run a trained slice model (or, through
+:mod:`pneumoct.evaluate.volumetric`, a 3D one) on a data set and turn its outputs into :class:`~pneumoct.evaluate.run.Predictions` (slice level, or patient level by averaging).
 
 For phantom cohorts the patient level carries each case's lesion volume ratio (from ``manifest.json``), so the
 group-wise table by lesion volume ratio (dual-sampling paper, Table III) comes out too.
@@ -53,9 +53,14 @@ def predict_checkpoint(checkpoint: str | Path, data: str, level: str = "slice",
     model, info = load_checkpoint(checkpoint)
     meta = info.get("meta") or {}
     family = meta.get("family")
-    if family not in ("multiscale_cam", "m3lung_slice", "jcs"):
-        raise PneumoctInputError("bad_arguments", f"evaluate --checkpoint takes slice models; this one is {family!r}")
     spec = parse_data_spec(data)
+    from .volumetric import VOLUME_FAMILIES, predict_volumes
+
+    if family in VOLUME_FAMILIES:  # whole studies, patient level (the 3D systems have no slice output)
+        return predict_volumes(checkpoint, family, info, spec)
+    if family not in ("multiscale_cam", "m3lung_slice", "jcs"):
+        raise PneumoctInputError("bad_arguments", f"evaluate --checkpoint takes slice or 3D models; this one is "
+                                 f"{family!r}")
     table = build_table(spec, int(meta.get("input_size", 128)))
     if not len(table):
         raise PneumoctInputError("bad_input", f"no slices with lungs in {data}")

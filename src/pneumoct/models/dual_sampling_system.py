@@ -25,7 +25,8 @@ import torch
 from ..errors import PneumoctInputError
 from ..volumetric import VolumetricOutput
 
-__all__ = ["analyse", "resolve_weights", "load_networks", "infection_ratio", "SYSTEM", "CLASS_NAMES"]
+__all__ = ["analyse", "resolve_weights", "load_networks", "infection_ratio", "prepare_input", "network_output",
+           "predict_network", "SYSTEM", "CLASS_NAMES"]
 
 SYSTEM = "dual-sampling"
 CLASS_NAMES = ("covid19", "cap")
@@ -64,6 +65,39 @@ def load_networks(folder: Path) -> dict:
     return _CACHE[key]
 
 
+def prepare_input(hu: np.ndarray, spacing: Any, lung_labels: np.ndarray, meta: dict) -> tuple[np.ndarray, Any]:
+    """The network input (D, H, W) of a study by the checkpoint's recorded chain (``meta["prep"]``), and the record
+    that maps network-grid maps back to the study grid."""
+    from ..preprocess.volume_dual import DualPrepConfig, prepare_volume
+
+    x, _, rec = prepare_volume(hu, spacing, lung_labels, DualPrepConfig.from_dict(meta["prep"]))
+    return x, rec
+
+
+def network_output(model: Any, x: np.ndarray, rec: Any, lung_labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """One network on one prepared input: (P(COVID-19), attention map T(A) on the study grid, zero outside the
+    lungs)."""
+    from ..preprocess.volume_dual import to_study_grid
+
+    with torch.inference_mode():
+        out = model(torch.from_numpy(x)[None, None], return_attention=True)
+        p = float(torch.sigmoid(out["logit"])[0])
+        m = to_study_grid(out["attention"][0, 0], rec)
+    m *= np.asarray(lung_labels) > 0  # the input was lung-masked: attention outside the lungs carries no evidence
+    return p, np.clip(m, 0.0, 1.0, out=m)
+
+
+def predict_network(folder: str | os.PathLike, study: Any, lung_labels: np.ndarray) -> float:
+    """P(COVID-19) of ONE trained network (a ``pneumoct train`` run folder of configs/dual_sampling_*.yaml, US or
+    SS) on a study — what ``pneumoct evaluate --checkpoint`` scores; the Eq. 5 ensemble needs both (``analyse``)."""
+    from .checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(Path(folder), expected_name="dual_sampling_rn34")
+    model = model.float().eval()
+    x, rec = prepare_input(np.asarray(study.hu), study.spacing, lung_labels, info["meta"])
+    return network_output(model, x, rec, lung_labels)[0]
+
+
 def infection_ratio(study: Any, lung_labels: np.ndarray) -> tuple[float, dict]:
     """Lesion volume / lung volume from the threshold lesion finder; ``(ratio, info)``."""
     from ..quantify.threshold_baseline import find_lesions_threshold
@@ -84,7 +118,6 @@ def analyse(study: Any, lung_labels: np.ndarray, weights_dir: str | None = None,
 
     ``lesion_mask``: the study's threshold lesion mask when the caller already has it (``diagnose`` computes it
     anyway); it saves running the finder again (the largest part of the time, ~2 s per 150 slices)."""
-    from ..preprocess.volume_dual import DualPrepConfig, prepare_volume, to_study_grid
     from .dual_sampling import dual_sampling_ensemble, ensemble_weight
 
     t0 = time.perf_counter()
@@ -104,19 +137,11 @@ def analyse(study: Any, lung_labels: np.ndarray, weights_dir: str | None = None,
     else:
         ratio, ratio_info = infection_ratio(study, lung_labels)
     t_ratio = time.perf_counter()
-    prep = DualPrepConfig.from_dict(nets["us"][1]["meta"]["prep"])
-    x, _, rec = prepare_volume(hu, study.spacing, lung_labels, prep)
+    x, rec = prepare_input(hu, study.spacing, lung_labels, nets["us"][1]["meta"])
     t_prep = time.perf_counter()
     probs, maps = {}, {}
-    lung = lung_labels > 0
-    with torch.inference_mode():
-        xt = torch.from_numpy(x)[None, None]
-        for n in NETWORKS:
-            out = nets[n][0](xt, return_attention=True)
-            probs[n] = float(torch.sigmoid(out["logit"])[0])
-            m = to_study_grid(out["attention"][0, 0], rec)
-            m *= lung  # the input was lung-masked: attention outside the lungs carries no evidence
-            maps[f"attention_{n}"] = np.clip(m, 0.0, 1.0, out=m)
+    for n in NETWORKS:
+        probs[n], maps[f"attention_{n}"] = network_output(nets[n][0], x, rec, lung_labels)
     w = float(ensemble_weight(ratio))
     p = float(np.clip(dual_sampling_ensemble(probs["us"], probs["ss"], ratio), 0.0, 1.0))
     t_end = time.perf_counter()
