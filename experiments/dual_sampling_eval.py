@@ -588,7 +588,8 @@ def loso_section(res: dict) -> str:
              f"{f0['val_cases']} validation phantoms.",
              f"- Machine: {res['machine']}; wall time {res['seconds']['total'] / 60:.1f} min in all (phantoms "
              f"{res['seconds']['phantoms']:.0f} s, real studies {res['seconds']['real_studies']:.0f} s, training "
-             + ", ".join(f"fold {k} {v['train_seconds'] / 60:.1f} min" for k, v in res["folds"].items()) + ").",
+             + ", ".join(f"fold {k} {v['train_seconds'] / 60:.1f} min" for k, v in res["folds"].items()) + ")"
+             + (f"; {res['run_note']}." if res.get("run_note") else "."),
              "- **Two held-out studies: anecdotes, not statistics.** Attention columns: share of the US attention "
              "mass on radiologist-positive slices / of its top 1 % lung voxels, against the share of the lung voxels "
              "lying on those slices (what a map spread evenly over the lungs would get).", "",
