@@ -7,6 +7,12 @@
     python experiments/dual_sampling_eval.py real                       # 3 real covid-ct-md studies (anecdote)
     python experiments/dual_sampling_eval.py results [--observations T] # the block in experiments/RESULTS.md
     python experiments/dual_sampling_eval.py train VARIANT --seed 1; ... seeds  # replicate training seed 1
+    python experiments/dual_sampling_eval.py loso [--loso-epochs 20] [--quick]  # real studies, leave-one-out
+
+``loso`` (issue 12, real data): for each real in-task covid-ct-md study S (covid, cap), train Attention RN34 + US
+(this config) on the phantoms plus the OTHER real study (``dual.real_ctmd``, weak infection mask), then predict S
+through ``pneumoct.volumetric.run_system("dual-sampling", ...)`` (what ``diagnose --model dual-sampling`` calls),
+and the normal study as an out-of-task anecdote. Two studies: anecdotes, not statistics.
 
 Data: synthetic phantoms only (pneumoct.synth), COVID-19 vs CAP. Training cohort = ``configs/dual_sampling_cpu.yaml``
 ``dual.cohort`` (seed 7000), split patient-level 80/20 into train / validation (validation picks the epoch);
@@ -69,8 +75,9 @@ def cohorts() -> dict:
     return {"train": train, "test": {**train, "seed": TEST_SEED, "n_per_class": 60}}
 
 
-def prepare(max_chunks: int | None = None) -> int:
-    """Generate + pre-process missing chunks (one ``phantom_volume_cohort`` call each); returns chunks done."""
+def prepare(max_chunks: int | None = None, kinds=("train", "test")) -> int:
+    """Generate + pre-process missing chunks (one ``phantom_volume_cohort`` call each) of the cohorts ``kinds``;
+    returns chunks done."""
     from pneumoct.preprocess.volume_dual import prepare_volume
     from pneumoct.quantify.threshold_baseline import find_lesions_threshold
     from pneumoct.train.task_dual_sampling import prep_config
@@ -80,6 +87,8 @@ def prepare(max_chunks: int | None = None) -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     done = 0
     for kind, co in cohorts().items():
+        if kind not in kinds:
+            continue
         for i, d, k, seed in _chunks(co):
             f = _chunk_file(kind, seed, d, k, co, prep)
             if f.is_file():
@@ -277,6 +286,8 @@ def results_section(res: dict, observations: str = "") -> str:
         out.append("")
     if observations:
         out += [observations, ""]
+    if res.get("real_loso"):
+        out += [loso_section(res["real_loso"]), ""]
     out.append("<!-- /dual-sampling -->")
     return "\n".join(out)
 
@@ -411,9 +422,224 @@ def real() -> dict:
     return out
 
 
+LOSO_RUNS = RUNS.with_name("dual_sampling_loso")
+LOSO_STUDIES = ("covid", "cap")  # the real studies of the task's classes; normal is outside COVID-19 vs CAP
+
+
+def attention_on_slices(att: np.ndarray, lung: np.ndarray, slice_labels: np.ndarray, top: float = 0.01) -> dict:
+    """Where an attention map (study grid, zero outside the lungs) puts its mass, against the radiologists' slice
+    labels: fraction of the attention mass on positive slices, and of its top ``top`` lung voxels, beside the
+    chance levels (the share of positive slices among the lung-bearing slices, and of the lung voxels)."""
+    pos = np.asarray(slice_labels, bool)
+    lung = np.asarray(lung) > 0
+    mass = att.sum(axis=(1, 2), dtype=np.float64)
+    vals = att[lung]
+    out = {"attention_mass": float(mass.sum()), "positive_slices": int(pos.sum()), "n_slices": int(pos.size),
+           "positive_slice_fraction": float(pos.mean()),
+           "positive_slice_fraction_lung_slices": float(pos[lung.any(axis=(1, 2))].mean()),
+           "lung_voxel_fraction_on_positive_slices": float(lung[pos].sum() / max(1, lung.sum())),
+           "mass_on_positive_slices": None, "top_voxels_on_positive_slices": None}
+    if mass.sum() > 0 and pos.any():  # no positive slice (the normal study): nothing to compare with
+        out["mass_on_positive_slices"] = float(mass[pos].sum() / mass.sum())
+        k = max(1, int(round(top * vals.size)))
+        thr = np.partition(vals, vals.size - k)[vals.size - k]
+        z = np.nonzero(lung & (att >= thr))[0]
+        out["top_voxels_on_positive_slices"] = float(pos[z].mean())
+        out["top_fraction"] = top
+    return out
+
+
+def _predict_real(weights_dir, studies: dict) -> dict:
+    """Each real study through run_system (as diagnose --model dual-sampling): P(COVID-19) of the US network, the
+    call at 0.5, the attention statistics. ``weights_dir`` None = the bundled phantom-only networks."""
+    from pneumoct.volumetric import run_system
+
+    out = {}
+    for key, (study, case) in studies.items():
+        t0 = time.time()
+        r = run_system("dual-sampling", study, case.lung, weights_dir=None if weights_dir is None else str(weights_dir))
+        p = float(r.info["p_covid19"]["us"])
+        out[key] = {"truth": case.label, "p_covid19_us": round(p, 4), "call_us": "covid19" if p >= 0.5 else "cap",
+                    "p_covid19_system": round(float(r.probabilities["covid19"]), 4),
+                    "attention_us": attention_on_slices(r.maps["attention_us"], case.lung, case.slice_labels),
+                    "seconds": round(time.time() - t0, 1)}
+        print(key, json.dumps(out[key]), flush=True)
+    return out
+
+
+def _fold_system_dir(run: Path) -> Path:
+    """A weights folder run_system reads (``us/`` and ``ss/``): the fold's US network in both places, so the
+    Eq. 5 ensemble equals the US network (no SS network is trained per fold)."""
+    import shutil
+
+    sysdir = run / "system"
+    shutil.rmtree(sysdir, ignore_errors=True)
+    for n in ("us", "ss"):
+        shutil.copytree(run / "best", sysdir / n)
+    return sysdir
+
+
+def loso(epochs: int = 20, quick: bool = False) -> dict:
+    """Leave-one-study-out over the real in-task studies (see the module docstring); results -> OUT_JSON
+    ``real_loso`` (not with ``quick``: a smoke run on a tiny cohort and network, one epoch)."""
+    import shutil
+
+    from pneumoct.io import read_study
+    from pneumoct.models.checkpoint import read_checkpoint_info
+    from pneumoct.train.ctmd import _CTMD_STUDIES, COVID_CT_MD_ROOT
+    from pneumoct.train.task_dual_sampling import (build_cohort, fit_dual_sampling, prep_config, prepare_cases,
+                                                   real_training_volumes)
+    from pneumoct.train.volumes import real_ctmd_volumes
+
+    torch.set_num_threads(1)
+    t_all = time.time()
+    tiny = ["dual.cohort.n_per_class=4", "dual.cohort.matrix=64", "dual.cohort.n_slices=24", "dual.size=[32,48,48]",
+            "model.kwargs.width=4"] if quick else []
+    work = LOSO_RUNS.with_name(LOSO_RUNS.name + "_quick") if quick else LOSO_RUNS
+    base = _cfg("att_us")
+    t0 = time.time()
+    if quick:
+        from pneumoct.train.config import load_config
+
+        qcfg = load_config(CONFIG, VARIANTS["att_us"][1] + tiny)
+        phantoms = prepare_cases(build_cohort(qcfg.dual.cohort), prep_config(qcfg))
+    else:
+        prepare(kinds=("train",))  # cached chunks under data/cache/dual_sampling (reused by `train`)
+        phantoms, _ = load("train")
+        qcfg = base
+    t_phantoms = time.time() - t0
+    t0 = time.time()
+    real_cases = {c.case_id.split("/")[-1]: c for c in real_training_volumes(LOSO_STUDIES)}
+    real_cases.update({c.case_id.split("/")[-1]: c for c in real_ctmd_volumes(("normal",))})
+    studies = {k: (read_study(COVID_CT_MD_ROOT / "dicom" / _CTMD_STUDIES[k][0]), c) for k, c in real_cases.items()}
+    prep = prep_config(qcfg)
+    real_prepared = {k: prepare_cases([real_cases[k]], prep)[0] for k in LOSO_STUDIES}
+    t_real = time.time() - t0
+    print(f"phantoms {len(phantoms)} in {t_phantoms:.0f} s, real studies in {t_real:.0f} s", flush=True)
+    folds = {}
+    for held in LOSO_STUDIES:
+        other = [k for k in LOSO_STUDIES if k != held]
+        cfg_over = VARIANTS["att_us"][1] + tiny + [f"dual.real_ctmd={other}", f"train.epochs={1 if quick else epochs}",
+                                                   f"name=dual_sampling_loso_held_{held}"]
+        from pneumoct.train.config import load_config
+
+        cfg = load_config(CONFIG, cfg_over)
+        run = work / f"held_{held}"
+        shutil.rmtree(run, ignore_errors=True)
+        cases = phantoms + [real_prepared[k] for k in other]
+        t0 = time.time()
+        m = fit_dual_sampling(cfg, run, progress=False, cases=cases)
+        t_train = time.time() - t0
+        meta = read_checkpoint_info(run / "best")["meta"]
+        trained_real = meta["data"]["real_studies"]
+        assert f"covid-ct-md/{held}" not in trained_real, "held-out study in its fold's training"
+        t0 = time.time()
+        preds = _predict_real(_fold_system_dir(run), {k: studies[k] for k in (held, "normal")})
+        folds[held] = {"held_out": f"covid-ct-md/{held}", "trained_on_real": trained_real,
+                       "weak_ratio_of_training_real": meta["data"]["real_weak_ratios"],
+                       "train_cases": meta["data"]["train_cases"], "val_cases": meta["data"]["val_cases"],
+                       "epochs": cfg.train.epochs, "best_epoch": m["best"].get("epoch"),
+                       "best_val": {k: m["best"].get(k) for k in ("val_auc", "val_acc", "val_loss")},
+                       "held_out_prediction": preds[held], "normal_prediction": preds["normal"],
+                       "train_seconds": round(t_train, 1), "predict_seconds": round(time.time() - t0, 1),
+                       "run_dir": str(run.relative_to(ROOT))}
+        print(held, f"trained in {t_train:.0f} s, best {m['best']}", flush=True)
+    bundled = _predict_real(None, {k: studies[k] for k in (*LOSO_STUDIES, "normal")})
+    res = {"data": "REAL covid-ct-md studies (covid-P001 COVID-19, cap-cap001 CAP; normal001 out of task) + "
+                   "SYNTHETIC phantoms (the training cohort of configs/dual_sampling_cpu.yaml, seed 7000)",
+           "protocol": "leave-one-study-out over the 2 in-task real studies: each fold trains Attention RN34 + US "
+                       "(configs/dual_sampling_cpu.yaml) on the phantoms' 80 % training split + the OTHER real study "
+                       "(training only, weak infection mask); the epoch is picked on the phantom validation split; "
+                       "the held-out study was never in its fold's training. Prediction: "
+                       "pneumoct.volumetric.run_system('dual-sampling') with the fold's US network in us/ and ss/ "
+                       "(so the system output equals US).",
+           "weak_mask": "threshold lesion finder's mask on the radiologist-positive slices, lung sides whose lobes "
+                        "are all negative emptied (fallback: lung voxels of the positive slices)",
+           "weak_mask_method": {k: real_cases[k].extra["weak_lesion_method"] for k in LOSO_STUDIES},
+           "weak_ratio": {k: round(real_cases[k].extra["weak_ratio"], 5) for k in LOSO_STUDIES},
+           "epochs": 1 if quick else epochs, "quick": quick, "folds": folds,
+           "bundled_phantom_only_us": bundled,
+           "seconds": {"phantoms": round(t_phantoms, 1), "real_studies": round(t_real, 1),
+                       "total": round(time.time() - t_all, 1)},
+           "machine": "2-core CPU VM shared with other jobs, 1 thread (torch.set_num_threads(1))",
+           "note": "2 held-out studies: anecdotes, not statistics"}
+    if not quick:
+        full = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+        full["real_loso"] = res
+        OUT_JSON.write_text(json.dumps(full, indent=1) + "\n")
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def loso_section(res: dict) -> str:
+    """The real-data LOSO sub-block of the dual-sampling section of RESULTS.md (from ``real_loso``)."""
+    def frac(a):
+        v = a.get("mass_on_positive_slices")
+        return "–" if v is None else f"{v:.2f}"
+
+    f0 = next(iter(res["folds"].values()))
+    lines = ["<!-- dual-sampling-real-loso -->",
+             "### Real studies, leave-one-study-out (Attention RN34 + US, `dual.real_ctmd`)", "",
+             f"- **Data: {res['data']}.** Protocol: {res['protocol']}",
+             f"- Weak infection mask for L_ex / size group of the training real study: {res['weak_mask']}; ratios "
+             f"{res['weak_ratio']}.",
+             f"- {res['epochs']} epochs per fold (config otherwise unchanged: width 8, 64 x 96 x 96, Adam 1e-3 cosine, "
+             f"batch 4); {f0['train_cases']} training cases ({f0['train_cases'] - 1} phantoms + 1 real), "
+             f"{f0['val_cases']} validation phantoms.",
+             f"- Machine: {res['machine']}; wall time {res['seconds']['total'] / 60:.1f} min in all (phantoms "
+             f"{res['seconds']['phantoms']:.0f} s, real studies {res['seconds']['real_studies']:.0f} s, training "
+             + ", ".join(f"fold {k} {v['train_seconds'] / 60:.1f} min" for k, v in res["folds"].items()) + ")"
+             + (f"; {res['run_note']}." if res.get("run_note") else "."),
+             "- **Two held-out studies: anecdotes, not statistics.** Attention columns: share of the US attention "
+             "mass on radiologist-positive slices / of its top 1 % lung voxels, against the share of the lung voxels "
+             "lying on those slices (what a map spread evenly over the lungs would get).", "",
+             "| held-out study (truth) | fold trained on (real) | best epoch of N (val AUC) | P(COVID-19) US | call | "
+             "attention mass on positive slices | top 1 % voxels on positive slices | lung voxels on positive slices |"
+             " bundled phantom-only US: P / call / mass |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    b = res["bundled_phantom_only_us"]
+    for k, f in res["folds"].items():
+        p, a, bb = f["held_out_prediction"], f["held_out_prediction"]["attention_us"], b[k]
+        top = a.get("top_voxels_on_positive_slices")
+        lines.append(f"| covid-ct-md/{k} ({p['truth']}) | {', '.join(f['trained_on_real'])} | "
+                     f"{f['best_epoch'] + 1} of {f['epochs']} ({_f(f['best_val']['val_auc'])}) | {_f(p['p_covid19_us'])} | {p['call_us']} | {frac(a)} | "
+                     f"{'–' if top is None else f'{top:.2f}'} | {a['lung_voxel_fraction_on_positive_slices']:.2f} | "
+                     f"{_f(bb['p_covid19_us'])} / {bb['call_us']} / {frac(bb['attention_us'])} |")
+    lines += ["", "Out of task (normal001 is neither COVID-19 nor CAP; its score means nothing): P(COVID-19) US "
+              + ", ".join(f"fold held-out {k} {_f(f['normal_prediction']['p_covid19_us'])}" for k, f in
+                          res["folds"].items())
+              + f", bundled {_f(b['normal']['p_covid19_us'])}."]
+    if res.get("observations"):
+        lines += ["", res["observations"]]
+    lines.append("<!-- /dual-sampling-real-loso -->")
+    return "\n".join(lines)
+
+
+def write_loso_results(observations: str = "") -> None:
+    """Insert / replace the LOSO sub-block inside the dual-sampling block of RESULTS.md (the rest untouched)."""
+    import re
+
+    res = json.loads(OUT_JSON.read_text())
+    if observations:
+        res["real_loso"]["observations"] = observations
+        OUT_JSON.write_text(json.dumps(res, indent=1) + "\n")
+    block = loso_section(res["real_loso"])
+    md = ROOT / "experiments" / "RESULTS.md"
+    text = md.read_text()
+    if "<!-- dual-sampling-real-loso -->" in text:
+        text = re.sub(r"<!-- dual-sampling-real-loso -->.*?<!-- /dual-sampling-real-loso -->", lambda _: block, text,
+                      flags=re.S)
+    else:
+        text = text.replace("<!-- /dual-sampling -->", block + "\n\n<!-- /dual-sampling -->", 1)
+    md.write_text(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results", "seeds"))
+    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results", "seeds", "loso",
+                                     "loso-results"))
+    ap.add_argument("--loso-epochs", type=int, default=20, help="loso: epochs per fold")
+    ap.add_argument("--quick", action="store_true", help="loso: tiny cohort / network, 1 epoch, nothing written")
     ap.add_argument("--seed", type=int, default=0, help="training seed (train); 0 = the reported runs")
     ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block")
     ap.add_argument("variant", nargs="?", choices=tuple(VARIANTS))
@@ -425,6 +651,10 @@ def main(argv=None) -> int:
         if not a.variant:
             ap.error("train needs a variant")
         train(a.variant, a.seed)
+    elif a.step == "loso":
+        loso(a.loso_epochs, a.quick)
+    elif a.step == "loso-results":
+        write_loso_results(a.observations)
     else:
         {"evaluate": evaluate, "bundle": bundle, "real": real, "seeds": seed_spread,
          "results": lambda: write_results(a.observations)}[a.step]()

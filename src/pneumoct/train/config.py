@@ -20,7 +20,7 @@ Schema (defaults in the dataclasses below; see ``docs/training.md``)::
     patient: {slice_checkpoint, window_centers, max_slices, feature_batch_size}
     deepsc:  the 3D DeepSC-COVID task's own section (volumes, input sizes, losses, two-stage schedule), checked by
              pneumoct.train.task_deepsc.DeepSCOptions
-    dual:    {sampling, attention, lambda_ex, size, factor, crop_to_lungs, cohort}   (task dual_sampling)
+    dual:    {sampling, attention, lambda_ex, size, factor, crop_to_lungs, cohort, real_ctmd}   (task dual_sampling)
 """
 from __future__ import annotations
 
@@ -140,7 +140,12 @@ class PatientConfig:
 
 @dataclass
 class DualConfig:
-    """Dual-sampling attention network (task ``dual_sampling``, see ``pneumoct.train.task_dual_sampling``)."""
+    """Dual-sampling attention network (task ``dual_sampling``, see ``pneumoct.train.task_dual_sampling``).
+
+    ``real_ctmd``: covid-ct-md study keys (``covid``, ``cap``) added to the training cases, never to validation;
+    ``normal`` is refused (no class of COVID-19 vs CAP). Their infection mask (Eq. 3's M, and the ratio of the size
+    groups) is weak: the threshold-baseline lesion mask on the radiologist-positive slices, lung sides whose lobes
+    are all labelled negative emptied; the lung voxels of those slices when that is empty."""
 
     sampling: str = "uniform"          # uniform | size_balanced (Sec. III-C)
     attention: bool = True             # online attention module + L_ex; false = the plain RN34 baseline
@@ -151,6 +156,13 @@ class DualConfig:
     # synthetic training cohort (pneumoct.train.volumes.phantom_volume_cohort), one chunk per difficulty
     cohort: dict = field(default_factory=lambda: {"n_per_class": 40, "seed": 7000, "matrix": 128, "n_slices": 48,
                                                   "difficulties": [0.0, 0.5, 1.0]})
+    # real covid-ct-md studies added to the TRAINING cases (keys of pneumoct.train.ctmd: covid -> COVID-19, cap ->
+    # CAP; "normal" is refused: no class of the COVID-19-vs-CAP task). They have no voxel masks: the infection mask
+    # M of L_ex (Eq. 3) and the size group come from a weak mask, pneumoct.train.task_dual_sampling.
+    # weak_infection_mask: the threshold-baseline lesion mask on the radiologist-positive slices only, emptied on a
+    # lung side whose lobes are all labelled negative there; the lung voxels of those slices if that is empty.
+    # Always on the training side of the split (validation stays phantoms).
+    real_ctmd: list = field(default_factory=list)
 
 
 @dataclass
@@ -391,6 +403,19 @@ def _validate_dual(cfg: TrainConfig) -> None:
     for k in du.cohort:
         if k not in known:
             raise _bad(f"unknown config key 'dual.cohort.{k}' (known: {', '.join(sorted(known))})")
+    from .ctmd import _CTMD_STUDIES
+
+    if not isinstance(du.real_ctmd, (list, tuple)):
+        raise _bad(f"dual.real_ctmd must be a list of covid-ct-md study keys, got {du.real_ctmd!r}")
+    for k in du.real_ctmd:
+        if k not in _CTMD_STUDIES:
+            raise _bad(f"dual.real_ctmd: unknown study {k!r} (known: {', '.join(_CTMD_STUDIES)})")
+        if _CTMD_STUDIES[k][1] not in DUAL_CLASSES:
+            ok = ", ".join(s for s, v in _CTMD_STUDIES.items() if v[1] in DUAL_CLASSES)
+            raise _bad(f"dual.real_ctmd: study {k!r} is {_CTMD_STUDIES[k][1]}, outside the dual-sampling task "
+                       f"(COVID-19 vs CAP only); use {ok}")
+    if len(set(du.real_ctmd)) != len(du.real_ctmd):
+        raise _bad(f"dual.real_ctmd lists a study twice: {du.real_ctmd}")
     # the variant keys live in dual; the network must agree (one place to switch attention on/off)
     att = cfg.model.kwargs.setdefault("attention", du.attention)
     if bool(att) != du.attention:

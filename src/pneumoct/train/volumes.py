@@ -72,7 +72,8 @@ def real_ctmd_volumes(studies: Sequence[str] = ("covid", "cap", "normal"), root:
     HU read by :func:`pneumoct.io.read_study`, lungs by :func:`pneumoct.preprocess.lung_mask.segment_lungs`, the
     patient label of the folder, and the radiologists' slice labels (column i of ``Slice-level-labels-updated-1.npy``
     = canonical slice i, superior first, established on this data in docs/data_notes.md; the normal study has no
-    row: all slices negative). No voxel lesion mask exists (``lesion`` None): a 3D task uses the slice labels as
+    row: all slices negative; ``extra["lobe_labels"]``: (Z, 5) bool LLL, LUL, RLL, RML, RUL, or None without a row).
+    No voxel lesion mask exists (``lesion`` None): a 3D task uses the slice labels as
     weak supervision. Case ids and groups are ``covid-ct-md/<key>`` (no patient identifier)."""
     from pathlib import Path
 
@@ -85,6 +86,8 @@ def real_ctmd_volumes(studies: Sequence[str] = ("covid", "cap", "normal"), root:
     if not (root / "Slice-level-labels-updated-1.npy").is_file():
         raise PneumoctInputError("not_found", f"covid-ct-md not found under {root}")
     labels = np.load(root / "Slice-level-labels-updated-1.npy")
+    lobe_path = root / "Lobe-level-labels-updated-1.npy"
+    lobes = np.load(lobe_path) if lobe_path.is_file() else None
     rows = _ctmd_label_rows(root)
     out = []
     for key in studies:
@@ -95,11 +98,13 @@ def real_ctmd_volumes(studies: Sequence[str] = ("covid", "cap", "normal"), root:
         study = read_study(root / "dicom" / folder)
         nz = study.shape[0]
         sl = np.zeros(nz, bool) if folder_id is None else labels[rows[folder_id], :nz] > 0
+        lobe = None if folder_id is None or lobes is None else (lobes[rows[folder_id], :nz, :] > 0)
         out.append(VolumeCase(
             case_id=f"covid-ct-md/{key}", hu=study.hu.astype(np.int16),
             spacing=tuple(float(v) for v in study.spacing), lung=segment_lungs(study).labels.astype(np.uint8),
             label=cls, source=f"real covid-ct-md ({key} study)", group=f"covid-ct-md/{key}", lesion=None,
-            slice_labels=sl, extra={"dataset": "covid-ct-md", "metadata": {  # scanner facts for the fingerprint, no identifiers
+            slice_labels=sl, extra={"dataset": "covid-ct-md", "lobe_labels": lobe,
+                                    "metadata": {  # scanner facts for the fingerprint, no identifiers
                 k: study.metadata.get(k) for k in ("convolution_kernel", "manufacturer", "manufacturer_model_name",
                                                    "slice_thickness_mm") if study.metadata.get(k) is not None}}))
     return out
