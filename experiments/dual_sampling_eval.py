@@ -317,7 +317,10 @@ def cv_section(c: dict) -> str:
         "- Metrics at 0.5 on each test fold; mean ± SD over the folds; pooled out-of-fold = every phantom predicted "
         "by the model that never saw it (the paper's \"combined results of 5 validation sets\"), [95 % bootstrap CI, "
         "1000]; paired t-tests over the folds (`scipy.stats.ttest_rel`, "
-        f"df {p['k'] - 1}, as the paper) and paired bootstraps (2000) on the pooled out-of-fold predictions.", "",
+        f"df {p['k'] - 1}, as the paper) and paired bootstraps (2000) on the pooled out-of-fold predictions."
+        + (" Last two tables: each fold's models on the held-out test cohort above (seed "
+           f"{TEST_SEED}), mean ± SD of the {p['k']} fold models, as the paper's Table II test-set column."
+           if c.get("heldout_fold_models") else ""), "",
         cv_markdown(c)])
 
 
