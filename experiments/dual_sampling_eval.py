@@ -7,6 +7,7 @@
     python experiments/dual_sampling_eval.py real                       # 3 real covid-ct-md studies (anecdote)
     python experiments/dual_sampling_eval.py results [--observations T] # the block in experiments/RESULTS.md
     python experiments/dual_sampling_eval.py train VARIANT --seed 1; ... seeds  # replicate training seed 1
+    python experiments/dual_sampling_eval.py cv [--quick] [--epochs 8]  # 5-fold CV of the training cohort
     python experiments/dual_sampling_eval.py loso [--loso-epochs 20] [--quick]  # real studies, leave-one-out
 
 ``loso`` (issue 12, real data): for each real in-task covid-ct-md study S (covid, cap), train Attention RN34 + US
@@ -44,10 +45,11 @@ VARIANTS = {"rn34_us": ("RN34 + US", ["dual.attention=false", "dual.sampling=uni
 GROUPS = (("<0.005", 0.0, 0.005), ("0.005-0.030", 0.005, 0.030), (">0.030", 0.030, 2.0))
 
 
-def _cfg(variant: str = "att_us", seed: int = 0):
+def _cfg(variant: str = "att_us", seed: int = 0, extra=()):
     from pneumoct.train.config import load_config
 
-    return load_config(CONFIG, VARIANTS[variant][1] + [f"name=dual_sampling_eval_{variant}", f"train.seed={seed}"])
+    return load_config(CONFIG, VARIANTS[variant][1] + [f"name=dual_sampling_eval_{variant}", f"train.seed={seed}",
+                                                       *extra])
 
 
 def _runs(seed: int = 0) -> Path:
@@ -191,7 +193,7 @@ def evaluate() -> dict:
            "finder_vs_truth_ratio": {"spearman_like_corr": float(np.corrcoef(np.argsort(np.argsort(ratio)),
                                                                             np.argsort(np.argsort(finder)))[0, 1]),
                                      "median_abs_diff": float(np.median(np.abs(finder - ratio)))},
-           "checkpoints": meta, "overall": {}, "groups": {}, "paired_auc_p": {}, "cv": "not run (CPU time)"}
+           "checkpoints": meta, "overall": {}, "groups": {}, "paired_auc_p": {}, "cv": _cv_pointer()}
     for k, p in probs.items():
         res["overall"][names[k]] = _metrics(y, p)
         res["groups"][names[k]] = {}
@@ -237,7 +239,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def results_section(res: dict, observations: str = "") -> str:
+def results_section(res: dict, observations: str = "", cv_reading: str = "") -> str:
     """The ``<!-- dual-sampling -->`` block of experiments/RESULTS.md."""
     d = res["data"]
     out = ["<!-- dual-sampling -->", "## Dual-sampling attention network: RN34 / Attention RN34 + US / + SS / + DS "
@@ -258,8 +260,10 @@ def results_section(res: dict, observations: str = "") -> str:
            f"median |difference| {res['finder_vs_truth_ratio']['median_abs_diff']:.4f}).",
            "- Threshold 0.5; [95 % bootstrap CI, 1000 resamples] via `pneumoct.evaluate` (`binary_metrics`, "
            "`bootstrap_ci`); paired tests: paired bootstrap (`bootstrap_p_value`, 2000) on the same test cases (the "
-           "paper used paired t-tests over folds). **5-fold cross-validation: not run** (CPU time; one training "
-           "per variant, so seed noise is not measured).",
+           "paper used paired t-tests over folds: " + ("see the 5-fold cross-validation at the end of this section, "
+                                                       "a shorter schedule" if CV_JSON.is_file() else
+                                                       "**5-fold cross-validation: not run**") + "). One training "
+           "per variant here, so seed noise is not measured by this table.",
            "- **Not clinical accuracy, not comparable with the paper's numbers.**", "",
            markdown(res), ""]
     reps = res.get("seed_replicates")
@@ -286,19 +290,68 @@ def results_section(res: dict, observations: str = "") -> str:
         out.append("")
     if observations:
         out += [observations, ""]
+    if CV_JSON.is_file():
+        out += [cv_section(json.loads(CV_JSON.read_text())), ""]
+        if cv_reading:
+            out += [cv_reading, ""]
     if res.get("real_loso"):
         out += [loso_section(res["real_loso"]), ""]
     out.append("<!-- /dual-sampling -->")
     return "\n".join(out)
 
 
-def write_results(observations: str = "") -> None:
+def cv_section(c: dict) -> str:
+    """The 5-fold cross-validation part of the block (from ``experiments/results/dual_sampling_cv.json``)."""
+    p, d = c["protocol"], c["data"]
+    f = c["folds"]
+    skipped = "; ".join(f"{NAMES[k]} not run ({v})" for k, v in c.get("skipped", {}).items())
+    return "\n".join([
+        "### 5-fold cross-validation (training cohort; the paper's Sec. IV-C protocol, shorter schedule)", "",
+        f"- **Data: SYNTHETIC phantoms only**: the {d['n']}-phantom training cohort (seed {d['cohort']['seed']}, "
+        f"{d['n_covid19']} COVID-19 / {d['n_cap']} CAP). Patient-level stratified {p['k']}-fold split (seed "
+        f"{p['fold_seed']}); for fold k the networks train on the other {p['k'] - 1} folds, the epoch is chosen on a "
+        f"patient-level stratified {p['val_fraction_of_training_folds']:.0%} of those folds only (seed "
+        f"{p['val_seed']}), and fold k is the test. Per fold: {f[0]['n_train']} train / {f[0]['n_val']} validation / "
+        f"{f[0]['n_test']} test phantoms (test folds {', '.join(str(x['n_test']) for x in f)}).",
+        f"- Schedule: **{p['epochs']} epochs** per network (every variant and fold; the reported runs above and "
+        "`configs/dual_sampling_cpu.yaml` use 20, the paper the best of 20), cosine decay over those epochs, best "
+        "validation epoch (AUC, ties by BCE); otherwise `configs/dual_sampling_cpu.yaml`, training seed 0. "
+        f"Variants: {', '.join(c['variants_run'])}" + (" and Attention RN34 + DS (Eq. 5 from the US and SS networks "
+                                                        "of the same fold, finder ratio)"
+                                                        if "Attention RN34 + DS" in c["mean_sd"] else "")
+        + (f"; {skipped}" if skipped else "") + ".",
+        f"- Machine: {c['machine']}. Wall time {c['wall_s'] / 60:.0f} min "
+        f"(training {c['training_wall_s'] / 60:.0f} min).",
+        "- Metrics at 0.5 on each test fold; mean ± SD over the folds; pooled out-of-fold = every phantom predicted "
+        "by the model that never saw it (the paper's \"combined results of 5 validation sets\"), [95 % bootstrap CI, "
+        "1000]; paired t-tests over the folds (`scipy.stats.ttest_rel`, "
+        f"df {p['k'] - 1}, as the paper) and paired bootstraps (2000) on the pooled out-of-fold predictions."
+        + (" Last two tables: each fold's models on the held-out test cohort above (seed "
+           f"{TEST_SEED}), mean ± SD of the {p['k']} fold models, as the paper's Table II test-set column."
+           if c.get("heldout_fold_models") else ""), "",
+        cv_markdown(c)])
+
+
+def _hand_written(text: str, head: str) -> str:
+    """A hand-written paragraph of the current block (kept when ``results`` is rerun without it)."""
+    import re
+
+    block = re.search(r"<!-- dual-sampling -->.*?<!-- /dual-sampling -->", text, flags=re.S)
+    if not block:
+        return ""
+    m = re.search(r"\n(" + re.escape(head) + r".*?)\n\n(?=### |<!-- /dual-sampling)", block.group(0), flags=re.S)
+    return m.group(1) if m else ""
+
+
+def write_results(observations: str = "", cv_reading: str = "") -> None:
     import re
 
     res = json.loads(OUT_JSON.read_text())
     md = ROOT / "experiments" / "RESULTS.md"
     text = md.read_text()
-    block = results_section(res, observations)
+    observations = observations or _hand_written(text, "Observations (hand-written")
+    cv_reading = cv_reading or _hand_written(text, "Reading of the cross-validation (hand-written")
+    block = results_section(res, observations, cv_reading)
     if "<!-- dual-sampling -->" in text:
         text = re.sub(r"<!-- dual-sampling -->.*?<!-- /dual-sampling -->", lambda _: block, text, flags=re.S)
     else:
@@ -634,19 +687,310 @@ def write_loso_results(observations: str = "") -> None:
     md.write_text(text)
 
 
+# ------------------------------------------------------------------------------------------ 5-fold cross-validation
+CV_RUNS = ROOT / "runs" / "dual_sampling_cv"
+CV_JSON = ROOT / "experiments" / "results" / "dual_sampling_cv.json"
+CV_K, CV_EPOCHS, CV_VAL_FRACTION, CV_SEED = 5, 8, 0.2, 0  # 8 epochs: all 3 networks x 5 folds in <= 60 min
+CV_REQUIRED = ("rn34_us", "att_us")  # the paper's main comparison (attention or not), always run
+CV_OPTIONAL = ("att_ss",)            # run after the required ones when the time budget allows; + DS (Eq. 5)
+CV_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
+CV_PAIRS = (("att_us", "rn34_us"), ("att_ss", "rn34_us"), ("att_ds", "rn34_us"), ("att_ds", "att_us"),
+            ("att_ds", "att_ss"))
+NAMES = {**{k: v[0] for k, v in VARIANTS.items()}, "att_ds": "Attention RN34 + DS"}
+
+
+def cv_folds(patient_ids, labels, k: int = CV_K, val_fraction: float = CV_VAL_FRACTION, seed: int = CV_SEED) -> list:
+    """Patient-level stratified k-fold (:func:`pneumoct.train.sampling.patient_kfold`, seed ``seed``); in each fold
+    the validation part that picks the epoch is a patient-level stratified ``val_fraction`` of the other k-1 folds
+    only (:func:`patient_split`, seed ``seed + 1000 + fold``). Returns ``[{"fold", "train", "val", "test"}]``
+    (row indices; train + val + test = every row, test = fold k)."""
+    from pneumoct.train.sampling import patient_kfold, patient_split
+
+    pids, labs = np.asarray(patient_ids).astype(str), np.asarray(labels)
+    out = []
+    for f, (rest, test) in enumerate(patient_kfold(pids, labs, k, seed)):
+        tr, va = patient_split(pids[rest], labs[rest], val_fraction, seed + 1000 + f)
+        out.append({"fold": f, "train": rest[tr], "val": rest[va], "test": np.sort(test)})
+    return out
+
+
+def run_cv(cases, out_dir: Path, variants=CV_REQUIRED, optional=(), epochs: int = CV_EPOCHS, k: int = CV_K,
+           seed: int = CV_SEED, extra=(), budget_s: float | None = None, heldout=None) -> dict:
+    """Train each variant on each fold (fold-major: a run cut short leaves complete paired folds) and predict its
+    test fold (and ``heldout`` cases, if given). One JSON per (fold, variant) in ``out_dir``; an existing one with
+    the same settings is reused (resumable). ``optional`` variants run afterwards, all folds or none: only if the
+    mean time of the required trainings says they fit in ``budget_s``. Returns the raw record."""
+    from pneumoct.train.task_dual_sampling import predict, train_network
+
+    torch.set_num_threads(1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = [c.case_id for c in cases]
+    folds = cv_folds([c.group for c in cases], [c.label for c in cases], k, CV_VAL_FRACTION, seed)
+    settings = {"epochs": int(epochs), "k": int(k), "seed": int(seed), "extra": list(extra),
+                "n_cases": len(cases), "heldout": None if heldout is None else len(heldout)}
+    runs: dict = {}
+    t_start = time.time()
+
+    def one(f: dict, v: str) -> dict:
+        path = out_dir / f"fold{f['fold']}_{v}.json"
+        test_ids = [ids[i] for i in f["test"]]
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            if rec.get("settings") == settings and rec.get("test_ids") == test_ids:
+                print(f"fold {f['fold']} {v}: reused {path.name}", flush=True)
+                return rec
+        t0 = time.time()
+        cfg = _cfg(v, 0, [f"train.epochs={int(epochs)}", *extra])
+        model, res = train_network(cfg, cases, f["train"], f["val"])
+        rec = {"fold": f["fold"], "variant": v, "settings": settings, "test_ids": test_ids,
+               "n_train": int(len(f["train"])), "n_val": int(len(f["val"])), "n_test": int(len(f["test"])),
+               "test_p": predict(model, cases, f["test"]).tolist(),
+               "heldout_p": None if heldout is None else predict(model, heldout).tolist(),
+               "best": res["best"], "history": res["history"], "seconds": round(time.time() - t0, 1)}
+        path.write_text(json.dumps(rec) + "\n")
+        print(f"fold {f['fold']} {v}: best epoch {rec['best'].get('epoch')} val_auc {rec['best'].get('val_auc')} "
+              f"{rec['seconds']:.0f} s (elapsed {time.time() - t_start:.0f} s)", flush=True)
+        return rec
+
+    for f in folds:
+        for v in variants:
+            runs.setdefault(v, []).append(one(f, v))
+    skipped = {}
+    if optional:
+        like = ["att_us"] if "att_us" in runs else list(runs)  # SS trains the attention network: time like att_us
+        per = float(np.mean([r["seconds"] for v in like for r in runs[v]])) if like else 0.0
+        for v in optional:
+            need = per * len(folds)
+            if budget_s is not None and time.time() - t_start + need > budget_s:
+                skipped[v] = f"time budget: ~{need:.0f} s more needed, {budget_s - (time.time() - t_start):.0f} s left"
+                print(f"{v}: skipped ({skipped[v]})", flush=True)
+                continue
+            runs[v] = [one(f, v) for f in folds]
+    return {"folds": folds, "runs": runs, "skipped": skipped, "settings": settings,
+            "wall_s": round(time.time() - t_start, 1)}
+
+
+def _oof(raw: dict, n: int, key: str = "test_p") -> dict:
+    """variant -> out-of-fold P(COVID-19) per case (each case predicted by the one model that never saw it)."""
+    out = {}
+    for v, recs in raw["runs"].items():
+        p = np.full(n, np.nan)
+        for f, r in zip(raw["folds"], recs):
+            p[f["test"]] = r[key]
+        out[v] = p
+    return out
+
+
+def _ttest(a, b) -> dict:
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = a - b
+    if np.any(~np.isfinite(d)):
+        return {"mean_difference": None, "sd_difference": None, "t": None, "p_value": None}
+    if np.allclose(d, d[0]):  # constant differences: t undefined (scipy gives nan)
+        return {"mean_difference": float(d.mean()), "sd_difference": 0.0, "t": None,
+                "p_value": 1.0 if d[0] == 0 else None}
+    r = ttest_rel(a, b)
+    return {"mean_difference": float(d.mean()), "sd_difference": float(d.std(ddof=1)), "t": float(r.statistic),
+            "p_value": float(r.pvalue)}
+
+
+def cv_summary(cases, finder, raw: dict, n_boot: int = N_BOOT, heldout=None) -> dict:
+    """Per-fold metrics at 0.5, mean ± SD over folds, pooled out-of-fold metrics with bootstrap CIs, paired t-tests
+    over the folds (scipy ``ttest_rel``, as the paper) and paired bootstraps on the pooled predictions. ``heldout``:
+    ``(labels, finder ratios)`` of the held-out cohort -> each fold model's metrics there (the paper's Table II
+    test-set column: mean ± SD of the 5 fold models)."""
+    from pneumoct.evaluate.classification import binary_metric_fn, binary_metrics, bootstrap_p_value
+    from pneumoct.models.dual_sampling import dual_sampling_ensemble
+
+    y = np.array([c.label for c in cases])
+    folds = raw["folds"]
+    probs = _oof(raw, len(y))
+    if {"att_us", "att_ss"} <= set(probs):
+        probs["att_ds"] = dual_sampling_ensemble(probs["att_us"], probs["att_ss"], np.asarray(finder))  # Eq. 5
+    per_fold = {v: [binary_metrics(y[f["test"]], p[f["test"]]) for f in folds] for v, p in probs.items()}
+    res = {"per_fold": {}, "mean_sd": {}, "pooled": {}, "ttest": {}, "paired_bootstrap_pooled": {}}
+    for v in probs:
+        res["per_fold"][NAMES[v]] = [{m: r[m] for m in ("n", "n_pos", "n_neg", *CV_METRICS)} for r in per_fold[v]]
+        res["mean_sd"][NAMES[v]] = {
+            m: {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
+            for m in CV_METRICS for vals in [[r[m] for r in per_fold[v] if r[m] is not None]] if vals}
+        res["pooled"][NAMES[v]] = _metrics(y, probs[v])
+    for a, b in CV_PAIRS:
+        if a not in probs or b not in probs:
+            continue
+        key = f"{NAMES[a]} vs {NAMES[b]}"
+        res["ttest"][key] = {m: _ttest([r[m] for r in per_fold[a]], [r[m] for r in per_fold[b]]) for m in CV_METRICS}
+        res["paired_bootstrap_pooled"][key] = {}
+        for m in ("auc", "accuracy"):
+            pv = bootstrap_p_value(binary_metric_fn(m), y, np.stack([1 - probs[a], probs[a]], 1),
+                                   np.stack([1 - probs[b], probs[b]], 1), n_boot=2 * n_boot, seed=0)
+            res["paired_bootstrap_pooled"][key][m] = {"difference": pv["difference"], "p_value": pv["p_value"]}
+    res["epochs_chosen"] = {NAMES[v]: [r["best"].get("epoch") for r in recs] for v, recs in raw["runs"].items()}
+    res["val_auc_chosen"] = {NAMES[v]: [r["best"].get("val_auc") for r in recs] for v, recs in raw["runs"].items()}
+    res["train_seconds"] = {NAMES[v]: [r["seconds"] for r in recs] for v, recs in raw["runs"].items()}
+    if heldout is not None:
+        hy, hf = np.asarray(heldout[0]), np.asarray(heldout[1])
+        hp = {v: [np.asarray(r["heldout_p"]) for r in recs] for v, recs in raw["runs"].items()}
+        if {"att_us", "att_ss"} <= set(hp):
+            hp["att_ds"] = [dual_sampling_ensemble(u, s, hf) for u, s in zip(hp["att_us"], hp["att_ss"])]
+        hm = {v: [binary_metrics(hy, p) for p in ps] for v, ps in hp.items()}
+        res["heldout_fold_models"] = {
+            "n": int(len(hy)), "mean_sd": {NAMES[v]: {m: {"mean": float(np.mean([r[m] for r in rs])),
+                                                         "sd": float(np.std([r[m] for r in rs], ddof=1))}
+                                                     for m in CV_METRICS} for v, rs in hm.items()},
+            "ttest": {f"{NAMES[a]} vs {NAMES[b]}": {m: _ttest([r[m] for r in hm[a]], [r[m] for r in hm[b]])
+                                                    for m in ("auc", "accuracy")}
+                      for a, b in CV_PAIRS if a in hm and b in hm}}
+    return res
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cv(quick: bool = False, epochs: int = CV_EPOCHS, budget_min: float | None = 60.0, heldout: bool = True) -> dict:
+    """The 5-fold CV of the training cohort (seed 7000, 160 phantoms) -> ``experiments/results/dual_sampling_cv.json``.
+    ``quick``: 2 folds, 1 epoch, 12 phantoms, every variant, into ``runs/dual_sampling_cv_quick`` (a smoke run)."""
+    import logging
+    import os
+    import platform
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    cases, info = load("train")
+    finder = np.array([i["finder_ratio"] for i in info])
+    k, out_dir, out_json, optional, budget = CV_K, CV_RUNS, CV_JSON, CV_OPTIONAL, budget_min
+    if quick:
+        y = np.array([c.label for c in cases])
+        keep = np.sort(np.r_[np.flatnonzero(y == 1)[::14][:6], np.flatnonzero(y == 0)[::14][:6]])
+        cases, finder = [cases[i] for i in keep], finder[keep]
+        k, epochs, out_dir, budget = 2, 1, CV_RUNS.with_name(CV_RUNS.name + "_quick"), None
+        out_json = out_dir / "cv.json"
+    held = None
+    if heldout and not quick:
+        try:
+            hc, hi = load("test")
+            held = (hc, np.array([c.label for c in hc]), np.array([i["finder_ratio"] for i in hi]))
+        except SystemExit as e:
+            print("held-out cohort not prepared, skipped:", e, flush=True)
+    raw = run_cv(cases, out_dir, CV_REQUIRED, optional, epochs, k, CV_SEED,
+                 budget_s=None if budget is None else 60.0 * budget, heldout=None if held is None else held[0])
+    res = cv_summary(cases, finder, raw, heldout=None if held is None else held[1:])
+    y = np.array([c.label for c in cases])
+    res = {"data": {"cohort": cohorts()["train"], "n": len(cases), "n_covid19": int(y.sum()),
+                    "n_cap": int((1 - y).sum()), "synthetic": True,
+                    "note": "SYNTHETIC phantoms only (pneumoct.synth); not clinical accuracy"},
+           "protocol": {"k": k, "fold_seed": CV_SEED, "val_fraction_of_training_folds": CV_VAL_FRACTION,
+                        "val_seed": f"{CV_SEED} + 1000 + fold", "train_seed": 0, "epochs": epochs,
+                        "selection": "best validation epoch (val AUC, ties by BCE) on the validation part",
+                        "threshold": 0.5, "ensemble_ratio": "threshold lesion finder (as deployed)",
+                        "paper_config_difference": f"{epochs} epochs instead of the CPU config's 20 (paper: best "
+                                                   "of 20); everything else as configs/dual_sampling_cpu.yaml",
+                        "quick": quick},
+           "folds": [{"fold": f["fold"], "n_train": int(len(f["train"])), "n_val": int(len(f["val"])),
+                      "n_test": int(len(f["test"])), "test_covid19": int(y[f["test"]].sum()),
+                      "val_covid19": int(y[f["val"]].sum())} for f in raw["folds"]],
+           "variants_run": [NAMES[v] for v in raw["runs"]], "skipped": raw["skipped"],
+           "machine": f"{_cpu_name() or platform.machine()}, {os.cpu_count()}-core VM shared with other jobs, "
+                      f"torch {torch.__version__}, 1 thread (torch.set_num_threads(1))",
+           "wall_s": round(time.time() - t0, 1), "training_wall_s": raw["wall_s"], **res}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=1) + "\n")
+    if not quick and OUT_JSON.is_file():
+        main_res = json.loads(OUT_JSON.read_text())
+        main_res["cv"] = _cv_pointer()
+        OUT_JSON.write_text(json.dumps(main_res, indent=1) + "\n")
+    print(cv_markdown(res), flush=True)
+    return res
+
+
+def _cv_pointer() -> dict | str:
+    """The results JSON's ``cv`` entry: where the cross-validation is and its headline numbers."""
+    if not CV_JSON.is_file():
+        return "not run (CPU time)"
+    c = json.loads(CV_JSON.read_text())
+    return {"file": str(CV_JSON.relative_to(ROOT)), "k": c["protocol"]["k"], "epochs": c["protocol"]["epochs"],
+            "data": "synthetic training cohort (seed 7000), patient-level stratified folds",
+            "auc_mean_sd": {k: [v["auc"]["mean"], v["auc"]["sd"]] for k, v in c["mean_sd"].items()},
+            "accuracy_mean_sd": {k: [v["accuracy"]["mean"], v["accuracy"]["sd"]] for k, v in c["mean_sd"].items()},
+            "pooled_auc": {k: v["auc"] for k, v in c["pooled"].items()},
+            "ttest_p": {k: {m: t[m]["p_value"] for m in ("auc", "accuracy")} for k, t in c["ttest"].items()},
+            "wall_s": c["wall_s"]}
+
+
+def cv_markdown(cv_res: dict) -> str:
+    def ms(d):
+        return "–" if d is None else f"{d['mean']:.3f} ± {_f(d['sd'])}"
+
+    lines = [f"| model ({len(cv_res['folds'])}-fold CV) | AUC mean ± SD | accuracy | sensitivity | specificity | F1 | pooled out-of-fold AUC "
+             "[95% CI] | pooled accuracy |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in cv_res["mean_sd"].items():
+        p = cv_res["pooled"][name]
+        lines.append(f"| {name} | " + " | ".join(ms(m.get(k)) for k in CV_METRICS)
+                     + f" | {_f(p['auc'])} [{_f(p['ci95']['auc'][0])}, {_f(p['ci95']['auc'][1])}] | "
+                       f"{_f(p['accuracy'])} |")
+    lines += ["", "| per-fold AUC / accuracy | " + " | ".join(f"fold {f['fold']} (n {f['n_test']})"
+                                                          for f in cv_res["folds"]) + " | chosen epochs |",
+              "|---|" + "---|" * (len(cv_res["folds"]) + 1)]
+    for name, rs in cv_res["per_fold"].items():
+        ep = cv_res["epochs_chosen"].get(name)
+        lines.append(f"| {name} | " + " | ".join(f"{_f(r['auc'])} / {_f(r['accuracy'])}" for r in rs)
+                     + f" | {'–' if ep is None else ', '.join(str(e + 1) for e in ep)} |")
+    lines += ["", "| paired t-test over the folds (ttest_rel): mean difference (p) | "
+              + " | ".join(CV_METRICS) + " | pooled paired bootstrap AUC / accuracy (p) |",
+              "|---|" + "---|" * (len(CV_METRICS) + 1)]
+    for key, t in cv_res["ttest"].items():
+        b = cv_res["paired_bootstrap_pooled"][key]
+        lines.append(f"| {key} | " + " | ".join(f"{_f(t[m]['mean_difference'])} ({_f(t[m]['p_value'])})"
+                                                for m in CV_METRICS)
+                     + f" | {_f(b['auc']['difference'])} ({_f(b['auc']['p_value'])}) / "
+                       f"{_f(b['accuracy']['difference'])} ({_f(b['accuracy']['p_value'])}) |")
+    h = cv_res.get("heldout_fold_models")
+    if h:
+        lines += ["", f"| the {len(cv_res['folds'])} fold models on the held-out cohort (n {h['n']}) | "
+                  + " | ".join(f"{m} mean ± SD" for m in CV_METRICS) + " |", "|---|" + "---|" * len(CV_METRICS)]
+        for name, m in h["mean_sd"].items():
+            lines.append(f"| {name} | " + " | ".join(ms(m[k]) for k in CV_METRICS) + " |")
+        lines += ["", "| held-out, paired t-test over the fold models | AUC difference (p) | accuracy difference (p) |",
+                  "|---|---|---|"]
+        for key, t in h["ttest"].items():
+            lines.append(f"| {key} | {_f(t['auc']['mean_difference'])} ({_f(t['auc']['p_value'])}) | "
+                         f"{_f(t['accuracy']['mean_difference'])} ({_f(t['accuracy']['p_value'])}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results", "seeds", "loso",
-                                     "loso-results"))
+    ap.add_argument("step", choices=("prepare", "train", "evaluate", "bundle", "real", "results", "seeds", "cv",
+                                     "loso", "loso-results"))
     ap.add_argument("--loso-epochs", type=int, default=20, help="loso: epochs per fold")
-    ap.add_argument("--quick", action="store_true", help="loso: tiny cohort / network, 1 epoch, nothing written")
     ap.add_argument("--seed", type=int, default=0, help="training seed (train); 0 = the reported runs")
-    ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block")
+    ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block "
+                    "(default: keep the current ones)")
+    ap.add_argument("--cv-reading", default="", help="hand-written reading of the cross-validation (default: keep)")
     ap.add_argument("variant", nargs="?", choices=tuple(VARIANTS))
     ap.add_argument("--max-chunks", type=int, default=None)
+    ap.add_argument("--kinds", default="train,test", help="prepare: cohorts to cache (train,test)")
+    ap.add_argument("--quick", action="store_true", help="cv: 2 folds, 1 epoch, 12 phantoms; loso: tiny cohort / "
+                    "network, 1 epoch, nothing written (smoke runs)")
+    ap.add_argument("--epochs", type=int, default=CV_EPOCHS, help="cv: epochs per network (every variant and fold)")
+    ap.add_argument("--budget-min", type=float, default=60.0,
+                    help="cv: Attention RN34 + SS (and DS) only if they fit in this many minutes; 0 = no limit")
+    ap.add_argument("--no-heldout", action="store_true", help="cv: skip the fold models on the held-out cohort")
     a = ap.parse_args(argv)
     if a.step == "prepare":
-        prepare(a.max_chunks)
+        prepare(a.max_chunks, tuple(a.kinds.split(",")))
+    elif a.step == "cv":
+        cv(a.quick, a.epochs, a.budget_min or None, not a.no_heldout)
     elif a.step == "train":
         if not a.variant:
             ap.error("train needs a variant")
@@ -657,7 +1001,7 @@ def main(argv=None) -> int:
         write_loso_results(a.observations)
     else:
         {"evaluate": evaluate, "bundle": bundle, "real": real, "seeds": seed_spread,
-         "results": lambda: write_results(a.observations)}[a.step]()
+         "results": lambda: write_results(a.observations, a.cv_reading)}[a.step]()
     return 0
 
 
