@@ -339,7 +339,8 @@ def _hand_written(text: str, head: str) -> str:
     block = re.search(r"<!-- dual-sampling -->.*?<!-- /dual-sampling -->", text, flags=re.S)
     if not block:
         return ""
-    m = re.search(r"\n(" + re.escape(head) + r".*?)\n\n(?=### |<!-- /dual-sampling)", block.group(0), flags=re.S)
+    # a paragraph ends at the next sub-heading or marker comment (the real-data LOSO block has its own markers)
+    m = re.search(r"\n(" + re.escape(head) + r".*?)\n\n(?=### |<!-- )", block.group(0), flags=re.S)
     return m.group(1) if m else ""
 
 
