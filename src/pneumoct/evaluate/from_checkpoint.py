@@ -57,7 +57,7 @@ def predict_checkpoint(checkpoint: str | Path, data: str, level: str = "slice",
     from .volumetric import VOLUME_FAMILIES, predict_volumes
 
     if family in VOLUME_FAMILIES:  # whole studies, patient level (the 3D systems have no slice output)
-        return predict_volumes(checkpoint, family, info, spec)
+        return predict_volumes(checkpoint, family, model, info, spec)
     if family not in ("multiscale_cam", "m3lung_slice", "jcs"):
         raise PneumoctInputError("bad_arguments", f"evaluate --checkpoint takes slice or 3D models; this one is "
                                  f"{family!r}")

@@ -44,22 +44,20 @@ def iter_studies(spec: dict) -> Iterator[tuple[str, Any, np.ndarray, str, float 
             ratio = float(np.count_nonzero(lesion & lung_true)) / n_lung if n_lung else 0.0
             yield (f"phantom/{row['case_id']}", study, segment_lungs(study).labels,
                    str(truth.get("label", row.get("label"))), ratio, "synthetic")
-    elif kind == "covid_ct_md":
-        from ..train.ctmd import _CTMD_STUDIES, COVID_CT_MD_ROOT
+    elif kind == "covid_ct_md":  # read, lungs and labels as every 3D task gets them (hu and spacing are all the
+        from ..train.volumes import real_ctmd_volumes  # systems use of a study)
 
-        root = Path(spec["path"]) if spec.get("path") else COVID_CT_MD_ROOT
-        for key, (folder, label, _) in _CTMD_STUDIES.items():
-            if not (root / "dicom" / folder).is_dir():
-                raise PneumoctInputError("not_found", f"covid-ct-md study {folder} not found under {root}/dicom")
-            study = read_study(root / "dicom" / folder)
-            yield f"covid-ct-md/{key}", study, segment_lungs(study).labels, label, None, "real"
+        for c in real_ctmd_volumes(root=spec.get("path")):
+            yield c.case_id, c, c.lung, c.label, None, "real"
     else:
         raise PneumoctInputError("bad_arguments", f"3D checkpoints take --data phantom_cohort:DIR or covid_ct_md, "
                                  f"not {kind}")
 
 
-def predict_volumes(checkpoint: str | Path, family: str, info: dict, spec: dict) -> tuple[Predictions, str]:
-    """Patient-level predictions of a 3D checkpoint on a data set (module docstring)."""
+def predict_volumes(checkpoint: str | Path, family: str, model: Any, info: dict,
+                    spec: dict) -> tuple[Predictions, str]:
+    """Patient-level predictions of a 3D checkpoint (``model``, ``info``: already loaded from ``checkpoint``) on a
+    data set (module docstring)."""
     meta = info.get("meta") or {}
     if family == "deepsc":
         from ..models.deepsc_system import analyse
@@ -69,6 +67,7 @@ def predict_volumes(checkpoint: str | Path, family: str, info: dict, spec: dict)
         from ..models.dual_sampling_system import predict_network
 
         names = ["cap", "covid19"]  # positive class last: P(COVID-19) is the score
+        net = (model.float().eval(), info)  # bundled networks may be stored in half precision
     from ..train.task_deepsc import target_index  # product label -> the head's class (e.g. healthy -> non_covid)
 
     ids, y, probs, ratios, kinds, skipped = [], [], [], [], set(), 0
@@ -81,7 +80,7 @@ def predict_volumes(checkpoint: str | Path, family: str, info: dict, spec: dict)
             out = analyse(study, lung, weights_dir=str(checkpoint))
             p = [out.probabilities[n] for n in names]
         else:
-            pc = predict_network(checkpoint, study, lung)
+            pc = predict_network(net, study, lung)
             p = [1.0 - pc, pc]
         ids.append(case_id)
         y.append(k)

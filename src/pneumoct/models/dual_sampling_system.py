@@ -87,13 +87,11 @@ def network_output(model: Any, x: np.ndarray, rec: Any, lung_labels: np.ndarray)
     return p, np.clip(m, 0.0, 1.0, out=m)
 
 
-def predict_network(folder: str | os.PathLike, study: Any, lung_labels: np.ndarray) -> float:
-    """P(COVID-19) of ONE trained network (a ``pneumoct train`` run folder of configs/dual_sampling_*.yaml, US or
-    SS) on a study — what ``pneumoct evaluate --checkpoint`` scores; the Eq. 5 ensemble needs both (``analyse``)."""
-    from .checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(Path(folder), expected_name="dual_sampling_rn34")
-    model = model.float().eval()
+def predict_network(net: tuple[Any, dict], study: Any, lung_labels: np.ndarray) -> float:
+    """P(COVID-19) of ONE network (``(model, checkpoint info)``, e.g. a ``pneumoct train`` run of
+    configs/dual_sampling_*.yaml loaded once by :func:`~pneumoct.models.checkpoint.load_checkpoint`) on a study —
+    what ``pneumoct evaluate --checkpoint`` scores; the Eq. 5 ensemble needs both networks (:func:`analyse`)."""
+    model, info = net
     x, rec = prepare_input(np.asarray(study.hu), study.spacing, lung_labels, info["meta"])
     return network_output(model, x, rec, lung_labels)[0]
 
