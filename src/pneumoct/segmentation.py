@@ -6,9 +6,9 @@
     segment_path(input, out_dir)                # a study -> lesion_mask.nii.gz; 2D image(s) -> PNG masks
 
 Every slice goes through :mod:`pneumoct.preprocess.slice_input` (the same lung box, resize and window the
-training tables use), the network runs on the crops, and its probabilities are put back on the slice grid with
-:func:`~pneumoct.preprocess.slice_input.map_back_to_slice` (bilinear), thresholded, and kept only inside the
-lung mask dilated by a few pixels (``lung_margin_px``; 5 mm on CT): a lesion is never reported in the chest wall,
+training tables use), the network runs on the crops, and its probabilities are resized back onto the crop's lung
+box of the slice (bilinear, as :func:`~pneumoct.preprocess.slice_input.map_back_to_slice`), thresholded, and kept
+only inside the lung mask dilated by a few pixels (``lung_margin_px``; 5 mm on CT): a lesion is never reported in the chest wall,
 the mediastinum or outside the body, while consolidation against the pleura that the lung mask missed by a
 pixel or two is kept. Slices with too little lung are not offered to the network and stay empty.
 """
@@ -31,8 +31,8 @@ from .preprocess.slice_input import (
     crop_slice,
     grey_to_unit,
     harmonise,
-    map_back_to_slice,
 )
+from .preprocess.resample import zoom_to_shape
 from .types import LESION_CONSOLIDATION, LESION_GGO
 
 log = logging.getLogger("pneumoct.segmentation")
@@ -162,25 +162,32 @@ def _probabilities(segmenter: Segmenter, x: np.ndarray, batch_size: int) -> np.n
     return np.concatenate(out) if out else np.zeros((0, 1) + tuple(x.shape[-2:]), np.float32)
 
 
-def _label_slice(probs: np.ndarray, crop, limit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(K', S, S) crop probabilities → (mask, lesion probability) on the slice grid.
+def _label_slice(probs: np.ndarray, crop, lung2d: np.ndarray, margin_px: int,
+                 threshold: float) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray]:
+    """(K', S, S) crop probabilities → ``(box, mask, lesion probability)``, the last two on the slice pixels of the
+    crop's box ``box`` (outside it the map is 0: no lesion there). The lesion limit (lung dilated by ``margin_px``)
+    is computed on the box grown by the margin, which gives the box the same pixels as the whole slice would.
 
     Multi-class: bilinear interpolation is linear, so mapping back P(lesion) = 1 - P(background) and
     P(consolidation) - P(ground-glass) (two maps instead of three) gives exactly the interpolated lesion
     probability and the sign of the interpolated class difference: same mask, a third less resampling."""
+    r0, r1, c0, c1 = (int(v) for v in crop.box)
+    h, w = lung2d.shape
+    g0, h0 = max(r0 - margin_px, 0), max(c0 - margin_px, 0)
+    grown = lung2d[g0:min(r1 + margin_px, h), h0:min(c1 + margin_px, w)]
+    limit = _lung_limit(grown, margin_px)[r0 - g0:r1 - g0, c0 - h0:c1 - h0]
     if probs.shape[0] <= 2:  # sigmoid lesion map, or a 2-way softmax (background / lesion)
-        full = map_back_to_slice(probs[-1:].astype(np.float32), crop, order=1, fill=0.0)
+        full = zoom_to_shape(probs[-1:].astype(np.float32), (r1 - r0, c1 - c0), order=1)
         lesion = np.clip(full[0], 0.0, 1.0)
         mask = ((lesion >= threshold) & limit).astype(np.uint8)
     else:
         two = np.stack([1.0 - probs[0], probs[2] - probs[1]]).astype(np.float32)
-        full = map_back_to_slice(two, crop, order=1, fill=0.0)
-        # outside the box the maps are filled with 0: lesion probability 0 there
+        full = zoom_to_shape(two, (r1 - r0, c1 - c0), order=1)
         lesion = np.clip(full[0], 0.0, 1.0)
         cls = np.where(full[1] > 0, LESION_CONSOLIDATION, LESION_GGO).astype(np.uint8)
         mask = np.where((lesion >= threshold) & limit, cls, 0).astype(np.uint8)
     lesion = np.where(limit, lesion, 0.0)
-    return mask, lesion
+    return (slice(r0, r1), slice(c0, c1)), mask, lesion
 
 
 def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter, *, batch_size: int = 16,
@@ -224,10 +231,9 @@ def segment_volume(hu: np.ndarray, lung_labels: np.ndarray, segmenter: Segmenter
     def map_back(r: range) -> None:  # slices are independent: threads split them (same result)
         for j in r:
             i, k = todo[j]
-            limit = _lung_limit(lung_labels[k], lung_margin_px)
-            m, p = _label_slice(probs[i], inputs.crop(k), limit, threshold)
-            mask[k] = m
-            prob[k] = p.astype(np.float16)
+            box, m, p = _label_slice(probs[i], inputs.crop(k), lung_labels[k] > 0, lung_margin_px, threshold)
+            mask[k][box] = m  # outside the crop's box: no lesion (the arrays start at 0)
+            prob[k][box] = p
 
     run_chunks(map_back, len(todo), min_chunk=4)
     timing["map_back"] = time.perf_counter() - t
@@ -255,8 +261,10 @@ def segment_image(image8bit: np.ndarray, segmenter: Segmenter, lung: np.ndarray 
         return np.zeros(img.shape, np.uint8)
     probs = _probabilities(segmenter, harmonise(grey_to_unit(crop.image)[None],
                                                 segmenter.meta.get("input_transform", "none")), 1)
-    m, _ = _label_slice(probs[0], crop, _lung_limit(lung, lung_margin_px), threshold)
-    return m
+    box, m, _ = _label_slice(probs[0], crop, lung, lung_margin_px, threshold)
+    out = np.zeros(img.shape, np.uint8)
+    out[box] = m
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ files
