@@ -99,6 +99,31 @@ def test_thread_budget_caps_this_thread_only(monkeypatch):
     assert seen == {"inside": 1, "other": 4, "after": 4}
 
 
+def test_callable_thread_budget_is_asked_at_each_step(monkeypatch):
+    """A stage beside another one keeps to one thread while the other runs, and takes the freed cores after."""
+    from pneumoct.parallel import run_chunks, thread_budget
+
+    monkeypatch.setenv("PNEUMOCT_THREADS", "4")
+    busy = [True]
+    names = []
+
+    def step(r: range) -> None:
+        import threading
+
+        names.append(threading.current_thread().name)
+
+    with thread_budget(lambda: 1 if busy[0] else 3):
+        first = n_threads()
+        run_chunks(step, 64)
+        serial = list(names)
+        busy[0] = False
+        names.clear()
+        second = n_threads()
+        run_chunks(step, 64)
+    assert (first, second) == (1, 3)
+    assert len(serial) == 1 and len(names) == 3  # one piece in the calling thread, then three pieces
+
+
 def test_map_axis_equals_the_whole_array_result(monkeypatch):
     from scipy import ndimage as ndi
 

@@ -23,10 +23,11 @@ _LOCAL = threading.local()
 
 class thread_budget:
     """``with thread_budget(k):`` — code in this thread uses at most ``k`` worker threads (a stage that runs beside
-    another one, which holds the other cores)."""
+    another one, which holds the other cores). ``k`` may be a callable, asked at each parallel step: a stage
+    beside another one that finishes first can take the freed cores for its remaining steps."""
 
-    def __init__(self, k: int):
-        self.k = max(1, int(k))
+    def __init__(self, k: int | Callable[[], int]):
+        self.k = k if callable(k) else max(1, int(k))
 
     def __enter__(self) -> "thread_budget":
         self._prev = getattr(_LOCAL, "budget", None)
@@ -41,6 +42,8 @@ def n_threads() -> int:
     """Worker threads to use: ``PNEUMOCT_THREADS`` if set, else the CPUs available to this process (max 8); at most
     the calling thread's :class:`thread_budget`."""
     budget = getattr(_LOCAL, "budget", None)
+    if callable(budget):
+        budget = max(1, int(budget()))
     n = _n_threads_configured()
     return min(n, budget) if budget else n
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,15 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
     # gate's rule when no learned patient model is installed, and it is the fallback without a segmenter. It runs
     # in a second thread while the networks run in this one (SciPy and PyTorch release the GIL).
     t_thr = time.perf_counter()
+    networks_busy = threading.Event()  # set while the 2D networks hold the other cores
+    if opts.use_learned_models:
+        networks_busy.set()
+    all_threads = n_threads()
 
     def threshold_stage():
-        # beside the networks it keeps to one core (they get the others); alone it may use them all
-        with thread_budget(1 if opts.use_learned_models else n_threads()):
+        # beside the networks it keeps to one core (they get the others); once they are done (or alone) it may use
+        # them all for its remaining steps (same result on any number of threads)
+        with thread_budget(lambda: 1 if networks_busy.is_set() else all_threads):
             finding = drop_lesions_on_interpolated(find_lesions_threshold(study.hu, lungs.labels, study.spacing),
                                                    study)
         timing["threshold_lesions"] = time.perf_counter() - t_thr
@@ -135,11 +141,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             t = time.perf_counter()
             # the threshold baseline holds one core meanwhile: the networks get the others
             learned = run_learned_models(study.hu, lungs.labels, models,
-                                         threshold_area_mm2=lambda: threshold_bg.result()[1],
+                                         threshold_area_mm2=lambda: (networks_busy.clear(),
+                                                                     threshold_bg.result()[1])[1],
                                          slice_probability=opts.slice_probability,
                                          torch_threads=max(1, n_threads() - 1) if threshold_bg.running else None,
                                          inputs=shared_inputs())
             timing["learned_models"] = time.perf_counter() - t
+    networks_busy.clear()
     threshold_finding, threshold_area = threshold_bg.result()
     threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
