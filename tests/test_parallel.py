@@ -135,3 +135,62 @@ def test_map_axis_equals_the_whole_array_result(monkeypatch):
     alongz = lambda m: ndi.maximum_filter1d(m.view(np.uint8), 5, axis=0).view(bool)  # noqa: E731
     assert np.array_equal(map_axis(inplane, a), inplane(a))
     assert np.array_equal(map_axis(alongz, a, axis=1), alongz(a))
+
+
+def _child_dies(x):
+    import os
+    import signal
+
+    if os.getpid() != _child_dies.parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # the forked child is killed before it sends anything
+    return x + 1
+
+
+def test_forked_gives_the_in_process_result_errors_and_survives_a_dead_child(monkeypatch):
+    import os
+
+    import pytest
+
+    from pneumoct import parallel
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(parallel, "_fork_safe", lambda: True)
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(6, 40, 40))
+    job = parallel.Forked(np.cumsum, vol)
+    assert job.forked
+    out = job.result()
+    np.testing.assert_array_equal(out, np.cumsum(vol))
+
+    bad = parallel.Forked(int, "not a number")
+    with pytest.raises(ValueError):
+        bad.result()
+
+    _child_dies.parent = os.getpid()
+    dead = parallel.Forked(_child_dies, 41)
+    assert dead.forked and dead.result() == 42  # redone in this process
+
+
+def test_fork_only_when_allowed_and_alone(monkeypatch):
+    import sys
+    import threading
+
+    from pneumoct import parallel
+
+    monkeypatch.setenv("PNEUMOCT_THREADS", "2")
+    parallel.allow_fork(False)
+    assert not parallel._fork_safe() and not parallel.Forked(abs, -3).forked
+    monkeypatch.setattr(parallel, "_FORK_ALLOWED", True)
+    alone = threading.active_count() == 1 and "torch" not in sys.modules
+    assert parallel._fork_safe() == alone
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        assert not parallel._fork_safe()  # another thread is alive
+    finally:
+        stop.set()
+        t.join()
+    monkeypatch.setenv("PNEUMOCT_THREADS", "1")
+    assert not parallel._fork_safe()  # one core: nothing to gain

@@ -309,9 +309,12 @@ def run() -> None:
     Every output is complete when ``main`` returns (written, then renamed; result.json last), but tearing down the
     interpreter — PyTorch, SciPy, idle thread pools, a few GB of arrays — takes ~0.6 s of the ~8 s a study takes
     (measured), so the process leaves at once after flushing its streams and logs. Before anything runs, the
-    allocator is told to keep freed memory for reuse (:func:`_keep_freed_memory`) and OpenMP threads to wait
-    passively."""
+    allocator is told to keep freed memory for reuse (:func:`_keep_freed_memory`), OpenMP threads to wait
+    passively, and the lung mask may run in a forked child (:class:`pneumoct.parallel.Forked`)."""
     _keep_freed_memory()
+    from .parallel import allow_fork
+
+    allow_fork()  # this process only: the lung mask may run in a forked child (see pneumoct.parallel.Forked)
     # OpenMP threads (PyTorch's intra-op pool) sleep instead of spinning while they wait: with another process on a
     # core, spinning threads wait for a descheduled partner at every barrier (measured, `segment` on covid-P001
     # while a training job ran: network 6.3-7.0 s by default, 2.9-3.2 s passive). Set before torch is imported;

@@ -20,7 +20,7 @@ from .errors import PneumoctInputError
 from .io import read_study
 from .io.writers import write_json, write_text, write_volume
 from .learned import LearnedOutput, load_bundled_models, prefetch_bundled_models, run_learned_models
-from .parallel import Background, n_threads, thread_budget
+from .parallel import Background, Forked, n_threads, thread_budget
 from .preprocess.lung_mask import LungMaskParams, segment_lungs
 from .preprocess.slice_input import SliceInputs
 from .quantify import find_lesions_threshold, lesion_probability_from_area, per_slice_lesion_area_mm2, quantify
@@ -84,6 +84,10 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         raise ValueError(f"bad lesions / segment_when option: {opts.lesions!r} / {opts.segment_when!r}")
     system = _volumetric_system(opts, lesions_mode)
 
+    t = time.perf_counter()
+    # the lungs start first: in the command's own process they run in a forked child (parallel.Forked), which
+    # needs a process with no other thread yet; then torch and the weights load here meanwhile
+    lungs_job = Forked(segment_lungs, study, opts.lung_params)
     calibration = None
     if opts.use_learned_models:
         from .burden import load_calibration
@@ -95,8 +99,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
             # the headline calibration holds only for the mask it was fitted on
             lesions_mode = calibration.get("mask_method", lesions_mode)
 
-    t = time.perf_counter()
-    lungs = segment_lungs(study, opts.lung_params)
+    lungs = lungs_job.result()
     timing["lungs"] = time.perf_counter() - t
     if not lungs.labels.any():
         raise PneumoctInputError("no_lungs", "no lungs found in the study (is this a chest CT covering the lungs?)")

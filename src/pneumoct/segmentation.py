@@ -382,18 +382,23 @@ def lung_margin_px(spacing) -> int:
 
 
 def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, threshold: float = 0.5,
-                  timing: dict[str, float] | None = None):
+                  timing: dict[str, float] | None = None, lungs_started: Any = None):
     """Lungs, then lesions inside them (lung limit ``DEFAULT_LUNG_MARGIN_MM``), for a HU study already read: the
     one code path of ``pneumoct segment`` on a study and of ``pneumoct.segment``.
 
     Returns ``(mask, lung_labels, SegmentationOutput, lung_margin_px)``; ``mask`` is (Z, Y, X) uint8 on the
     study grid (0/1 when ``binary``). ``segmenter`` may be a callable returning it (still loading elsewhere: it is
-    waited for after the lungs)."""
+    waited for after the lungs). ``lungs_started``: called once the lung mask is under way (it may then start
+    loading the model: the lungs run in a forked child in the command's process, see :class:`~pneumoct.parallel.Forked`)."""
+    from .parallel import Forked
     from .preprocess.lung_mask import segment_lungs
 
     timing = {} if timing is None else timing
     t = time.perf_counter()
-    lungs = segment_lungs(study).labels
+    lungs_job = Forked(segment_lungs, study)
+    if lungs_started is not None:
+        lungs_started()
+    lungs = lungs_job.result().labels
     timing["lung_mask"] = time.perf_counter() - t
     if not isinstance(segmenter, Segmenter):
         t = time.perf_counter()
@@ -417,9 +422,8 @@ def _segment_study(src: Path, out: Path, get_segmenter: Any, *, binary: bool, th
     t = time.perf_counter()
     study = read_study(src)
     timing["read"] = time.perf_counter() - t
-    if after_read is not None:
-        after_read()
-    mask, lungs, seg, margin = segment_study(study, get_segmenter, binary=binary, threshold=threshold, timing=timing)
+    mask, lungs, seg, margin = segment_study(study, get_segmenter, binary=binary, threshold=threshold, timing=timing,
+                                             lungs_started=after_read)
     segmenter = get_segmenter()
     _prepare_out(out)
     t = time.perf_counter()
