@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from pneumoct.parallel import run_chunks
 from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO, LUNG_LEFT, LUNG_RIGHT
 
 __all__ = [
@@ -504,20 +505,24 @@ def quantify(
         Y, X = lm.shape[1:]
         zs_les, starts = np.unique(idx[0], return_index=True)
         ends = np.append(starts[1:], n_les)
-        for z, a, b in zip(zs_les, starts, ends):
-            yv, xv = idx[1][a:b], idx[2][a:b]
-            y0, y1 = max(int(yv.min()) - my, 0), min(int(yv.max()) + my + 1, Y)
-            x0, x1 = max(int(xv.min()) - mx, 0), min(int(xv.max()) + mx + 1, X)
-            win = lung[z, y0:y1, x0:x1]
-            # the window reaches σ beyond the lesion pixels, so any non-lung pixel within σ of them is inside it;
-            # padding marks the crop border (= outside the lung's box, non-lung) where the window touches it.
-            pads = ((1 if y0 == 0 else 0, 1 if y1 == Y else 0), (1 if x0 == 0 else 0, 1 if x1 == X else 0))
-            wp = np.pad(win, pads)
-            if wp.all():
-                continue
-            edt = ndi.distance_transform_edt(wp, sampling=(sp[1], sp[2]))
-            band = wp & (edt <= sigma + 1e-6)
-            periph[a:b] = band[yv - y0 + pads[0][0], xv - x0 + pads[1][0]]
+
+        def band_slices(r: range) -> None:  # slices are independent, each writes its own lesion pixels: threads
+            for z, a, b in zip(zs_les[r.start:r.stop], starts[r.start:r.stop], ends[r.start:r.stop]):
+                yv, xv = idx[1][a:b], idx[2][a:b]
+                y0, y1 = max(int(yv.min()) - my, 0), min(int(yv.max()) + my + 1, Y)
+                x0, x1 = max(int(xv.min()) - mx, 0), min(int(xv.max()) + mx + 1, X)
+                win = lung[z, y0:y1, x0:x1]
+                # the window reaches σ beyond the lesion pixels, so any non-lung pixel within σ of them is inside
+                # it; padding marks the crop border (= outside the lung's box, non-lung) where the window touches it
+                pads = ((1 if y0 == 0 else 0, 1 if y1 == Y else 0), (1 if x0 == 0 else 0, 1 if x1 == X else 0))
+                wp = np.pad(win, pads)
+                if wp.all():
+                    continue
+                edt = ndi.distance_transform_edt(wp, sampling=(sp[1], sp[2]))
+                band = wp & (edt <= sigma + 1e-6)
+                periph[a:b] = band[yv - y0 + pads[0][0], xv - x0 + pads[1][0]]
+
+        run_chunks(band_slices, len(zs_les))
     n_periph = int(periph.sum())
     plr = n_periph / n_les if n_les else None
 
