@@ -262,3 +262,18 @@ def test_upsampled_count_equals_count_on_the_study_grid():
         for shape in [(3, 10, 11), (2, 9, 9), (4, 12, 7)]:
             w = rng.random((shape[0], -(-shape[1] // f), -(-shape[2] // f))) < 0.4
             assert _upsampled_count(w, f, shape) == np.count_nonzero(_upsample_labels(w, f, shape))
+
+
+def test_block_mean_is_the_mean_of_each_block_with_edge_padding():
+    from pneumoct.preprocess.lung_mask import _block_mean
+
+    rng = np.random.default_rng(5)
+    for factor, shape in ((2, (3, 10, 12)), (2, (3, 11, 9)), (3, (2, 13, 14))):
+        hu = rng.integers(-1024, 3071, shape).astype(np.int16)
+        py, px = (-shape[1]) % factor, (-shape[2]) % factor
+        padded = np.pad(hu, ((0, 0), (0, py), (0, px)), mode="edge").astype(np.float64)
+        z, y, x = padded.shape
+        ref = padded.reshape(z, y // factor, factor, x // factor, factor).mean(axis=(2, 4))
+        got = _block_mean(hu, factor)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        np.testing.assert_array_equal(got, ref.astype(np.float32))
