@@ -271,3 +271,18 @@ def test_multiclass_map_back_equals_argmax_of_interpolated_probabilities():
     np.testing.assert_allclose(lesion, ref_lesion, atol=1e-5)
     agree = (mask == ref)
     assert agree.mean() > 0.999 and {1, 2} <= set(np.unique(mask))
+
+
+def test_prepared_batches_equal_transforming_everything_first():
+    """CLAHE computed a batch ahead in a second thread gives the same inputs, in order, as the whole stack first."""
+    from pneumoct.preprocess.slice_input import harmonise
+    from pneumoct.segmentation import _prepared_batches
+
+    rng = np.random.default_rng(4)
+    x = rng.random((11, 32, 32)).astype(np.float32)
+    got = list(_prepared_batches(x, 4, "clahe"))
+    assert [len(b) for b in got] == [4, 4, 3]
+    np.testing.assert_array_equal(np.concatenate(got), harmonise(x, "clahe"))
+    plain = list(_prepared_batches(x, 5, "none"))
+    np.testing.assert_array_equal(np.concatenate(plain), x)
+    assert list(_prepared_batches(x[:0], 4, "clahe")) == []

@@ -160,12 +160,14 @@ class SliceInputs:
         return self._crops[size]
 
     def inputs(self, size: int, center: float, width: float, transform: str = "none", *,
-               is_hu: bool = True, model: str = "") -> np.ndarray:
-        """(N, size, size) network input in [0, 1] (step 3), recorded in the chain under ``model``."""
+               is_hu: bool = True, model: str = "", defer_transform: bool = False) -> np.ndarray:
+        """(N, size, size) network input in [0, 1] (step 3), recorded in the chain under ``model``.
+        ``defer_transform``: the input before its ``transform``, which the caller applies (:func:`harmonise`, per
+        batch, e.g. beside the network); recorded all the same."""
         x = window_input(self.crops(size), center, width) if is_hu else grey_to_unit(self.crops(size))
         self._windows.append({"model": model, "size": int(size), "window": [float(center), float(width)] if is_hu
                               else "grey/255", "input_transform": transform})
-        return harmonise(x, transform) if transform != "none" else x
+        return harmonise(x, transform) if transform != "none" and not defer_transform else x
 
     def crop(self, k: int) -> SliceCrop | None:
         """The crop geometry of slice ``k`` (no pixels), for :meth:`invert` / :func:`map_back_to_slice`."""
