@@ -38,20 +38,39 @@ def test_run_chunks_and_background(monkeypatch):
     assert not lazy.running and lazy.result() == 7
 
 
-def test_convex_fill_matches_skimage_polygon():
-    from scipy.spatial import ConvexHull
+def _hull_reference(m):
+    """Qhull over every pixel centre of the mask, filled by skimage's polygon rasteriser, joined with the mask."""
+    from scipy.spatial import ConvexHull, QhullError
     from skimage.draw import polygon
 
-    from pneumoct.preprocess.lung_mask import _fill_convex_polygon
+    pts = np.argwhere(m).astype(float)
+    out = m.copy()
+    if len(pts) < 3:
+        return out
+    try:
+        v = pts[ConvexHull(pts).vertices]
+    except QhullError:  # all on a line
+        return out
+    rr, cc = polygon(v[:, 0], v[:, 1], shape=m.shape)
+    out[rr, cc] = True
+    return out
+
+
+def test_convex_hull_by_row_envelopes_matches_qhull_and_skimage():
+    from scipy import ndimage as ndi
+
+    from pneumoct.preprocess.lung_mask import _convex_hull
 
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        pts = rng.integers(0, 90, (25, 2)).astype(float)
-        v = pts[ConvexHull(pts).vertices]
-        ref = np.zeros((90, 90), bool)
-        rr, cc = polygon(v[:, 0], v[:, 1], shape=ref.shape)
-        ref[rr, cc] = True
-        assert (ref == _fill_convex_polygon(v, ref.shape)).all()
+    for t in range(600):
+        h, w = (int(v) for v in rng.integers(3, 70, 2))
+        m = rng.random((h, w)) < rng.uniform(0.005, 0.6)
+        if t % 2:
+            m = ndi.binary_opening(m | (rng.random((h, w)) < 0.5))  # blob-like masks
+        assert (_convex_hull(m) == _hull_reference(m)).all(), (t, h, w, int(m.sum()))
+    line = np.zeros((20, 20), bool)
+    line[[2, 9, 16], [3, 10, 17]] = True  # one diagonal line with gaps: no area, nothing added
+    assert (_convex_hull(line) == line).all()
 
 
 def _strip_timing(d):

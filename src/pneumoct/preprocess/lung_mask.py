@@ -487,53 +487,61 @@ def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, .
     return out
 
 
-def _fill_convex_polygon(verts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centres lie inside or on a convex polygon (vertices (K, 2) as (row, col), in order), by one
-    column interval per row (a convex polygon meets a row in one segment); the same pixels as
-    ``skimage.draw.polygon`` on our hulls, an order of magnitude faster."""
-    h, w = shape
-    lo = np.full(h, np.inf)
-    hi = np.full(h, -np.inf)
-    for (r0, c0), (r1, c1) in zip(verts, np.roll(verts, -1, axis=0)):
-        if r0 == r1:
-            r = int(r0)
-            if 0 <= r < h:
-                lo[r], hi[r] = min(lo[r], c0, c1), max(hi[r], c0, c1)
-            continue
-        ra, rb = (r0, r1) if r0 < r1 else (r1, r0)
-        rs = np.arange(max(int(np.ceil(ra)), 0), min(int(np.floor(rb)), h - 1) + 1)
-        if rs.size:
-            cs = c0 + (rs - r0) * (c1 - c0) / (r1 - r0)
-            np.minimum.at(lo, rs, cs)
-            np.maximum.at(hi, rs, cs)
-    cols = np.arange(w)
-    return (cols[None, :] >= np.ceil(lo[:, None] - 1e-9)) & (cols[None, :] <= np.floor(hi[:, None] + 1e-9))
+def _envelope(rows: list[float], cols: list[float], left: bool) -> list[int]:
+    """Indices of the vertices of the left (``left``: smallest column) convex envelope of points given one per row,
+    rows increasing — one half of Andrew's monotone chain; collinear points are dropped."""
+    out: list[int] = []
+    for i, (r, c) in enumerate(zip(rows, cols)):
+        while len(out) >= 2:
+            j, k = out[-2], out[-1]
+            cross = (rows[k] - rows[j]) * (c - cols[j]) - (cols[k] - cols[j]) * (r - rows[j])
+            if (cross <= 0) if left else (cross >= 0):  # k is not strictly outside the segment j -> i
+                out.pop()
+            else:
+                break
+        out.append(i)
+    return out
+
+
+def _envelope_at(rows: np.ndarray, cols: np.ndarray, idx: list[int], rs: np.ndarray) -> np.ndarray:
+    """The envelope's column at rows ``rs`` (linear between its vertices, the hull's edge equation)."""
+    if len(idx) == 1:
+        return np.full(rs.shape, float(cols[idx[0]]))
+    vr, vc = rows[idx], cols[idx]
+    seg = np.clip(np.searchsorted(vr, rs, side="right") - 1, 0, len(idx) - 2)
+    r0, r1, c0, c1 = vr[seg], vr[seg + 1], vc[seg], vc[seg + 1]
+    return c0 + (rs - r0) * (c1 - c0) / (r1 - r0)
 
 
 def _convex_hull(m: np.ndarray) -> np.ndarray:
-    """Filled convex hull of a 2D mask (pixel centres of its edge pixels), rasterised one row interval at a time."""
-    from scipy.spatial import ConvexHull, QhullError
+    """Filled convex hull of a 2D mask (pixel centres), rasterised one row interval at a time.
 
+    The hull of a pixel set is the hull of each row's leftmost and rightmost pixels, and in every row it spans from
+    the left convex envelope of the leftmost pixels to the right envelope of the rightmost ones: two monotone
+    chains over rows already in order (the same pixels as rasterising a Qhull polygon — tested — at a third of
+    the time). A set on one line has no area: the mask is returned as it is."""
     rows = np.nonzero(m.any(axis=1))[0]
     cols = np.nonzero(m.any(axis=0))[0]
     if rows.size == 0:
         return m.copy()
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1  # the hull lies inside the bounding box
     sub = m[r0:r1, c0:c1]
-    # the hull of a pixel set is the hull of each row's leftmost and rightmost pixels (every other pixel of a row
-    # lies between them): a few hundred points instead of every edge pixel
     rr = np.flatnonzero(sub.any(axis=1))
     first = np.argmax(sub[rr], axis=1)
     last = sub.shape[1] - 1 - np.argmax(sub[rr, ::-1], axis=1)
-    pts = np.concatenate([np.stack([rr, first], 1), np.stack([rr, last], 1)]).astype(np.float64)
-    if len(pts) < 3:
+    rf, ff, lf = rr.astype(np.float64), first.astype(np.float64), last.astype(np.float64)
+    pts = np.concatenate([np.stack([rf, ff], 1), np.stack([rf, lf], 1)])
+    d = pts - pts[0]
+    far = d[np.argmax(np.abs(d).sum(axis=1))]
+    if not np.any(far[0] * d[:, 1] - far[1] * d[:, 0]):  # all on one line (or one point)
         return m.copy()
-    try:
-        hull = ConvexHull(pts)
-    except QhullError:  # all points on a line
-        return m.copy()
+    rows_l = rf.tolist()
+    rs = np.arange(sub.shape[0], dtype=np.float64)
+    lo = _envelope_at(rf, ff, _envelope(rows_l, ff.tolist(), True), rs)
+    hi = _envelope_at(rf, lf, _envelope(rows_l, lf.tolist(), False), rs)
+    cc = np.arange(sub.shape[1])
     out = m.copy()
-    out[r0:r1, c0:c1] |= _fill_convex_polygon(pts[hull.vertices], sub.shape)
+    out[r0:r1, c0:c1] |= (cc[None, :] >= np.ceil(lo[:, None] - 1e-9)) & (cc[None, :] <= np.floor(hi[:, None] + 1e-9))
     return out
 
 
