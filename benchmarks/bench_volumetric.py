@@ -56,16 +56,19 @@ def main() -> int:
                     str(_stacked_study(Path(tmp) / "p296.nii.gz")), 1)]
         for data, path, repeats in studies:
             for system in SYSTEMS:
-                walls, rss = [], []
+                walls, rss, tree = [], [], []
                 for i in range(repeats):
                     out = os.path.join(tmp, f"out_{system}_{i}")
                     w, r, _ = _timed([sys.executable, "-m", "pneumoct", "diagnose", path, "--out", out,
                                       "--model", system], env)
                     walls.append(round(w, 2))
                     rss.append(round(r, 1))
+                    if _timed.last_tree_pss_mb is not None:  # the whole process tree (the lungs' forked child)
+                        tree.append(_timed.last_tree_pss_mb)
                     timing = json.loads(Path(out, "result.json").read_text())["timing_s"]
                 row = {"data": data, "system": system, "command_wall_s_median": statistics.median(walls),
                        "command_wall_s_runs": walls, "peak_rss_mb_max": max(rss),
+                       "peak_tree_pss_mb_max": max(tree) if tree else None,
                        "volumetric_s_last_run": timing.get("volumetric")}
                 res["runs"].append(row)
                 print(json.dumps(row))
