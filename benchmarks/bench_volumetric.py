@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_diagnose import CTMD, _timed  # noqa: E402  (the same fresh-process timer)
+from bench_diagnose import CTMD, _memory_run, _timed  # noqa: E402  (the same fresh-process timer)
 
 OUT = ROOT / "benchmarks" / "results" / "volumetric.json"
 
@@ -56,19 +56,19 @@ def main() -> int:
                     str(_stacked_study(Path(tmp) / "p296.nii.gz")), 1)]
         for data, path, repeats in studies:
             for system in SYSTEMS:
-                walls, rss, tree = [], [], []
+                walls, rss = [], []
                 for i in range(repeats):
                     out = os.path.join(tmp, f"out_{system}_{i}")
                     w, r, _ = _timed([sys.executable, "-m", "pneumoct", "diagnose", path, "--out", out,
                                       "--model", system], env)
                     walls.append(round(w, 2))
                     rss.append(round(r, 1))
-                    if _timed.last_tree_pss_mb is not None:  # the whole process tree (the lungs' forked child)
-                        tree.append(_timed.last_tree_pss_mb)
                     timing = json.loads(Path(out, "result.json").read_text())["timing_s"]
                 row = {"data": data, "system": system, "command_wall_s_median": statistics.median(walls),
                        "command_wall_s_runs": walls, "peak_rss_mb_max": max(rss),
-                       "peak_tree_pss_mb_max": max(tree) if tree else None,
+                       # the whole process tree (the lungs run in a forked child), one more untimed run
+                       "peak_tree_pss_mb": _memory_run([sys.executable, "-m", "pneumoct", "diagnose", path, "--out",
+                                                        os.path.join(tmp, f"mem_{system}"), "--model", system], env),
                        "volumetric_s_last_run": timing.get("volumetric")}
                 res["runs"].append(row)
                 print(json.dumps(row))

@@ -18,7 +18,7 @@ def test_tree_pss_counts_a_forked_childs_private_memory_once():
             "if pid == 0:\n"
             "    private = np.ones(80 << 20, np.uint8); shared.sum(); time.sleep(0.6); os._exit(0)\n"
             "os.waitpid(pid, 0)\n")
-    wall, rss, rc = b._timed([sys.executable, "-c", code], dict(os.environ))
+    wall, rss, rc = b._timed([sys.executable, "-c", code], dict(os.environ), sample_memory=True)
     tree = b._timed.last_tree_pss_mb
     assert rc == 0 and tree is not None
     # both arrays once (~200 MB + interpreters), not the shared array twice (~320 MB)
