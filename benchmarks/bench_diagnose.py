@@ -1,7 +1,8 @@
 """Whole-command speed and peak memory of `pneumoct diagnose` on this machine (issue 10).
 
 What a user waits for: ``python -m pneumoct diagnose STUDY --out DIR`` from process start to exit (result.json,
-report.html and both masks written), each run a fresh process, median of ``--repeats`` (default 3). Beside it:
+report.html and both masks written), each run a fresh process, median of ``--repeats`` (default 5; the real studies
+interleaved: every repeat visits each study and command once). Beside it:
 
 * ``pneumoct segment`` on the same real studies, whole command (target <= 5 s for ~150 slices);
 * the bare SimpleITK read of the same study (``ImageSeriesReader`` / ``ReadImage`` in a fresh process, median) —
@@ -97,47 +98,74 @@ def _timed(cmd: list[str], env: dict, sample_memory: bool = False) -> tuple[floa
     return wall, usage.ru_maxrss / 1024.0, proc.returncode
 
 
-def bench_study(path: str, tmp: str, repeats: int, data: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    reads = [_timed([sys.executable, "-c", _READ, path], env)[0] for _ in range(repeats)]
-    runs = []
-    for i in range(repeats):
-        out = os.path.join(tmp, f"out_{Path(path).name}_{i}")
-        wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "diagnose", path, "--out", out], env)
-        res = json.loads(Path(out, "result.json").read_text())
-        files = {p.name for p in Path(out).iterdir()}
-        runs.append({"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res["timing_s"],
-                     "files": sorted(files), "n_slices": res["volume"]["shape_zyx"][0],
-                     "label": res["patient"]["label"],
-                     "lesion_volume_ml": res["quantification"].get("lesion_volume_ml")})
+def _diagnose_run(path: str, out: str, env: dict) -> dict:
+    wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "diagnose", path, "--out", out], env)
+    res = json.loads(Path(out, "result.json").read_text())
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res["timing_s"],
+            "files": sorted(p.name for p in Path(out).iterdir()), "n_slices": res["volume"]["shape_zyx"][0],
+            "label": res["patient"]["label"], "lesion_volume_ml": res["quantification"].get("lesion_volume_ml")}
+
+
+def _segment_run(path: str, out: str, env: dict) -> dict:
+    wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "segment", path, "--out", out], env)
+    res = json.loads(Path(out, "segment.json").read_text())
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res.get("timing")}
+
+
+def _median_run(runs: list[dict]) -> dict:
     walls = [r["wall_s"] for r in runs]
-    med = runs[walls.index(statistics.median_low(walls))]
-    read_med = statistics.median(reads)
+    return runs[walls.index(statistics.median_low(walls))]
+
+
+def _summary_diagnose(runs: list[dict], reads: list[float], data: str, mem: float | None) -> dict:
+    walls = [r["wall_s"] for r in runs]
+    med, read_med = _median_run(runs), statistics.median(reads)
     return {"data": data, "n_slices": med["n_slices"], "command_wall_s_median": statistics.median(walls),
             "command_wall_s_runs": walls, "bare_sitk_read_s_median": round(read_med, 3),
+            "bare_sitk_read_s_runs": [round(r, 3) for r in reads],
             "ratio_to_bare_read": round(statistics.median(walls) / read_med, 2),
-            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
-            "peak_tree_pss_mb": _memory_run([sys.executable, "-m", "pneumoct", "diagnose", path, "--out",
-                                             os.path.join(tmp, f"mem_{Path(path).name}")], env),
-            "stages_s_median_run": med["stages_s"], "files": med["files"], "label": med["label"], "lesion_volume_ml": med["lesion_volume_ml"]}
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "peak_tree_pss_mb": mem,
+            "stages_s_median_run": med["stages_s"], "files": med["files"], "label": med["label"],
+            "lesion_volume_ml": med["lesion_volume_ml"]}
 
 
-def bench_segment(path: str, tmp: str, repeats: int, data: str) -> dict:
-    """``pneumoct segment STUDY --out DIR`` (lesion mask by the learned segmenter), whole command, fresh process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    runs = []
-    for i in range(repeats):
-        out = os.path.join(tmp, f"seg_{Path(path).name}_{i}")
-        wall, rss, _ = _timed([sys.executable, "-m", "pneumoct", "segment", path, "--out", out], env)
-        res = json.loads(Path(out, "segment.json").read_text())
-        runs.append({"wall_s": round(wall, 3), "peak_rss_mb": round(rss, 1), "stages_s": res.get("timing")})
+def _summary_segment(runs: list[dict], data: str, mem: float | None) -> dict:
     walls = [r["wall_s"] for r in runs]
-    med = runs[walls.index(statistics.median_low(walls))]
     return {"data": data, "command_wall_s_median": statistics.median(walls), "command_wall_s_runs": walls,
-            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
-            "peak_tree_pss_mb": _memory_run([sys.executable, "-m", "pneumoct", "segment", path, "--out",
-                                             os.path.join(tmp, f"memseg_{Path(path).name}")], env),
-            "stages_s_median_run": med["stages_s"]}
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs), "peak_tree_pss_mb": mem,
+            "stages_s_median_run": _median_run(runs)["stages_s"]}
+
+
+def bench_real(cases: dict[str, str], tmp: str, repeats: int) -> tuple[dict, dict]:
+    """Every repeat visits every study (bare read, ``diagnose``, ``segment``) before the next repeat starts, so a
+    slow spell of the VM (its speed drifts 10-25 % within minutes) lands on every study and command alike."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    reads = {c: [] for c in cases}
+    diag = {c: [] for c in cases}
+    seg = {c: [] for c in cases}
+    for i in range(repeats):
+        for case, path in cases.items():
+            reads[case].append(_timed([sys.executable, "-c", _READ, path], env)[0])
+            diag[case].append(_diagnose_run(path, os.path.join(tmp, f"out_{case}_{i}"), env))
+            seg[case].append(_segment_run(path, os.path.join(tmp, f"seg_{case}_{i}"), env))
+    data = {c: f"REAL: covid-ct-md/{c} (JPEG-Lossless DICOM)" for c in cases}
+    real = {c: _summary_diagnose(diag[c], reads[c], data[c], _memory_run(
+        [sys.executable, "-m", "pneumoct", "diagnose", p, "--out", os.path.join(tmp, f"mem_{c}")], env))
+        for c, p in cases.items()}
+    segment = {c: _summary_segment(seg[c], data[c], _memory_run(
+        [sys.executable, "-m", "pneumoct", "segment", p, "--out", os.path.join(tmp, f"memseg_{c}")], env))
+        for c, p in cases.items()}
+    return real, segment
+
+
+def bench_study(path: str, tmp: str, repeats: int, data: str) -> dict:
+    """``diagnose`` on one study, ``repeats`` fresh processes in a row (the synthetic scaling runs)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    reads = [_timed([sys.executable, "-c", _READ, path], env)[0] for _ in range(repeats)]
+    runs = [_diagnose_run(path, os.path.join(tmp, f"out_{Path(path).name}_{i}"), env) for i in range(repeats)]
+    return _summary_diagnose(runs, reads, data, _memory_run(
+        [sys.executable, "-m", "pneumoct", "diagnose", path, "--out", os.path.join(tmp, f"mem_{Path(path).name}")],
+        env))
 
 
 def _memory_run(cmd: list[str], env: dict) -> float | None:
@@ -157,7 +185,7 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one real study, 100 slices only, 1 repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     repeats = 1 if a.quick else max(1, a.repeats)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -168,15 +196,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if CTMD.is_dir():
             cases = ("covid-P001",) if a.quick else ("covid-P001", "cap-cap001", "normal-normal001")
+            results["real"], results["segment_command"] = bench_real({c: str(CTMD / c) for c in cases}, tmp,
+                                                                     repeats)
             for case in cases:
-                r = bench_study(str(CTMD / case), tmp, repeats, f"REAL: covid-ct-md/{case} (JPEG-Lossless DICOM)")
-                results["real"][case] = r
+                r = results["real"][case]
                 print(case, json.dumps({k: r[k] for k in ("n_slices", "command_wall_s_median",
                                                           "bare_sitk_read_s_median", "peak_rss_mb_max",
                                                           "peak_tree_pss_mb")}))
-            for case in cases:
-                r = bench_segment(str(CTMD / case), tmp, repeats, f"REAL: covid-ct-md/{case} (JPEG-Lossless DICOM)")
-                results["segment_command"][case] = r
+                r = results["segment_command"][case]
                 print("segment", case, json.dumps({k: r[k] for k in ("command_wall_s_median", "peak_rss_mb_max",
                                                                      "peak_tree_pss_mb")}))
         else:
@@ -189,7 +216,7 @@ def main() -> None:
             path = os.path.join(tmp, f"synth_{n}.nii.gz")
             write_volume(path, ph.study.hu, ph.study)
             del ph
-            r = bench_study(path, tmp, 1 if n > 100 else repeats,
+            r = bench_study(path, tmp, 1 if n > 100 else min(repeats, 3),
                             f"SYNTHETIC: pneumoct.synth covid19 phantom, 512x512x{n}, NIfTI")
             results["synthetic_scaling"].append(r)
             print(n, json.dumps({k: r[k] for k in ("command_wall_s_median", "peak_rss_mb_max",
