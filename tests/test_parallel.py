@@ -213,3 +213,14 @@ def test_fork_only_when_allowed_and_alone(monkeypatch):
         t.join()
     monkeypatch.setenv("PNEUMOCT_THREADS", "1")
     assert not parallel._fork_safe()  # one core: nothing to gain
+
+
+def test_warming_the_later_stages_imports_them_and_compiles_the_report():
+    import sys
+
+    from pneumoct.pipeline import _warm_later_stages
+    from pneumoct.report.html import _ENV
+
+    _warm_later_stages(True)
+    assert {"pneumoct.headline", "pneumoct.quantify.rsna", "pneumoct.explain"} <= set(sys.modules)
+    assert any("report.html" in str(k) for k in _ENV.cache.keys())

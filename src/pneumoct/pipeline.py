@@ -72,6 +72,23 @@ class DiagnoseOutput:
     volumetric: Any = None  # the 3D system's VolumetricOutput (maps written as <system>_<map>.nii.gz)
 
 
+def _warm_later_stages(write_report: bool) -> None:
+    """Import the modules the stages after the lungs import on first use (explanation maps pull in parts of
+    scikit-image, ~0.3 s) and compile the report template, while the process would otherwise only wait for the
+    forked lung mask. Nothing is computed; a failure here is left to the stage that needs the module."""
+    import importlib
+
+    try:
+        for name in ("pneumoct.headline", "pneumoct.quantify.rsna", "pneumoct.fingerprint", "pneumoct.explain"):
+            importlib.import_module(name)
+        if write_report:
+            from .report.html import _ENV
+
+            _ENV.get_template("report.html")
+    except Exception:  # noqa: BLE001 - only a head start
+        log.debug("warming the later stages failed", exc_info=True)
+
+
 def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                   timing: dict[str, float] | None = None) -> DiagnoseOutput:
     """Run lungs → lesions → quantification → classification on a study already read."""
@@ -98,6 +115,8 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         if opts.lesions is None and calibration is not None:
             # the headline calibration holds only for the mask it was fitted on
             lesions_mode = calibration.get("mask_method", lesions_mode)
+    if lungs_job.forked:  # this process only waits for the child: the later stages' imports load meanwhile
+        Background(_warm_later_stages, opts.write_report, name="pneumoct-warm")
 
     lungs = lungs_job.result()
     timing["lungs"] = time.perf_counter() - t
