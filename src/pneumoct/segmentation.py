@@ -8,9 +8,9 @@
 Every slice goes through :mod:`pneumoct.preprocess.slice_input` (the same lung box, resize and window the
 training tables use), the network runs on the crops, and its probabilities are resized back onto the crop's lung
 box of the slice (bilinear, as :func:`~pneumoct.preprocess.slice_input.map_back_to_slice`), thresholded, and kept
-only inside the lung mask dilated by a few pixels (``lung_margin_px``; 5 mm on CT): a lesion is never reported in the chest wall,
-the mediastinum or outside the body, while consolidation against the pleura that the lung mask missed by a
-pixel or two is kept. Slices with too little lung are not offered to the network and stay empty.
+only inside the lung mask dilated by a few pixels (``lung_margin_px``; 5 mm on CT): a lesion is never reported in
+the chest wall, the mediastinum or outside the body, while consolidation against the pleura that the lung mask
+missed by a pixel or two is kept. Slices with too little lung are not offered to the network and stay empty.
 """
 from __future__ import annotations
 
@@ -420,7 +420,8 @@ def segment_study(study, segmenter: Segmenter | Any, *, binary: bool = False, th
     Returns ``(mask, lung_labels, SegmentationOutput, lung_margin_px)``; ``mask`` is (Z, Y, X) uint8 on the
     study grid (0/1 when ``binary``). ``segmenter`` may be a callable returning it (still loading elsewhere: it is
     waited for after the lungs). ``lungs_started``: called once the lung mask is under way (it may then start
-    loading the model: the lungs run in a forked child in the command's process, see :class:`~pneumoct.parallel.Forked`)."""
+    loading the model: in the command's process the lungs run in a forked child, see
+    :class:`~pneumoct.parallel.Forked`)."""
     from .parallel import Forked
     from .preprocess.lung_mask import segment_lungs
 
