@@ -226,12 +226,10 @@ def harmonise(x01: np.ndarray, transform: str = "clahe") -> np.ndarray:
         return x01
     if transform != "clahe":
         raise ValueError(f"unknown input transform {transform!r}; choose from {INPUT_TRANSFORMS}")
-    from skimage.exposure import equalize_adapthist
+    from .clahe import equalize_adapthist_stack
 
     x = np.asarray(x01, np.float32)
-    flat = x.reshape((-1,) + x.shape[-2:])
-    out = np.empty_like(flat)
-    k = max(8, x.shape[-1] // 8)
-    for i in range(len(flat)):
-        out[i] = equalize_adapthist(np.clip(flat[i], 0.0, 1.0), kernel_size=k, clip_limit=0.01)
+    flat = np.clip(x.reshape((-1,) + x.shape[-2:]), 0.0, 1.0)
+    # scikit-image's equalize_adapthist on each image, computed for the whole stack at once (the same values)
+    out = equalize_adapthist_stack(flat, kernel_size=max(8, x.shape[-1] // 8), clip_limit=0.01)
     return out.reshape(x.shape).astype(np.float32)
