@@ -7,7 +7,7 @@
     python experiments/dual_sampling_eval.py real                       # 3 real covid-ct-md studies (anecdote)
     python experiments/dual_sampling_eval.py results [--observations T] # the block in experiments/RESULTS.md
     python experiments/dual_sampling_eval.py train VARIANT --seed 1; ... seeds  # replicate training seed 1
-    python experiments/dual_sampling_eval.py cv [--quick] [--epochs 8]  # 5-fold CV of the training cohort
+    python experiments/dual_sampling_eval.py cv [--quick] [--epochs 20] [--budget-min 75]  # 5-fold CV, training cohort
     python experiments/dual_sampling_eval.py loso [--loso-epochs 20] [--quick]  # real studies, leave-one-out
 
 ``loso`` (issue 12, real data): for each real in-task covid-ct-md study S (covid, cap), train Attention RN34 + US
@@ -239,9 +239,13 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def results_section(res: dict, observations: str = "", cv_reading: str = "") -> str:
+def results_section(res: dict, observations: str = "", cv_reading: str = "", cv_reading_earlier: str = "") -> str:
     """The ``<!-- dual-sampling -->`` block of experiments/RESULTS.md."""
     d = res["data"]
+    cv_res = json.loads(CV_JSON.read_text()) if CV_JSON.is_file() else None
+    earlier = json.loads(CV_EARLIER_JSON.read_text()) if cv_res and CV_EARLIER_JSON.is_file() else None
+    if earlier and earlier["protocol"]["epochs"] == cv_res["protocol"]["epochs"]:
+        earlier = None  # same schedule: nothing to compare
     out = ["<!-- dual-sampling -->", "## Dual-sampling attention network: RN34 / Attention RN34 + US / + SS / + DS "
            "(synthetic phantoms; issue 12)", "",
            "Reproduces: Ouyang et al., Dual-Sampling Attention Network for Diagnosis of COVID-19 from Community "
@@ -260,9 +264,11 @@ def results_section(res: dict, observations: str = "", cv_reading: str = "") -> 
            f"median |difference| {res['finder_vs_truth_ratio']['median_abs_diff']:.4f}).",
            "- Threshold 0.5; [95 % bootstrap CI, 1000 resamples] via `pneumoct.evaluate` (`binary_metrics`, "
            "`bootstrap_ci`); paired tests: paired bootstrap (`bootstrap_p_value`, 2000) on the same test cases (the "
-           "paper used paired t-tests over folds: " + ("see the 5-fold cross-validation at the end of this section, "
-                                                       "a shorter schedule" if CV_JSON.is_file() else
-                                                       "**5-fold cross-validation: not run**") + "). One training "
+           "paper used paired t-tests over folds: " + (
+               f"see the 5-fold cross-validation at the end of this section, {cv_res['protocol']['epochs']} epochs"
+               + ("" if cv_res["protocol"]["epochs"] == 20 else ", a shorter schedule")
+               + (f", and the earlier {earlier['protocol']['epochs']}-epoch one beside it" if earlier else "")
+               if cv_res else "**5-fold cross-validation: not run**") + "). One training "
            "per variant here, so seed noise is not measured by this table.",
            "- **Not clinical accuracy, not comparable with the paper's numbers.**", "",
            markdown(res), ""]
@@ -290,10 +296,14 @@ def results_section(res: dict, observations: str = "", cv_reading: str = "") -> 
         out.append("")
     if observations:
         out += [observations, ""]
-    if CV_JSON.is_file():
-        out += [cv_section(json.loads(CV_JSON.read_text())), ""]
+    if cv_res:
+        out += [cv_section(cv_res), ""]
         if cv_reading:
             out += [cv_reading, ""]
+        if earlier:
+            out += [cv_earlier_section(earlier, cv_res), ""]
+            if cv_reading_earlier:
+                out += [cv_reading_earlier, ""]
     if res.get("real_loso"):
         out += [loso_section(res["real_loso"]), ""]
     out.append("<!-- /dual-sampling -->")
@@ -306,15 +316,19 @@ def cv_section(c: dict) -> str:
     f = c["folds"]
     skipped = "; ".join(f"{NAMES[k]} not run ({v})" for k, v in c.get("skipped", {}).items())
     return "\n".join([
-        "### 5-fold cross-validation (training cohort; the paper's Sec. IV-C protocol, shorter schedule)", "",
+        "### 5-fold cross-validation (training cohort; the paper's Sec. IV-C protocol, "
+        + ("the paper's 20 epochs)" if p["epochs"] == 20 else "shorter schedule)"), "",
         f"- **Data: SYNTHETIC phantoms only**: the {d['n']}-phantom training cohort (seed {d['cohort']['seed']}, "
         f"{d['n_covid19']} COVID-19 / {d['n_cap']} CAP). Patient-level stratified {p['k']}-fold split (seed "
         f"{p['fold_seed']}); for fold k the networks train on the other {p['k'] - 1} folds, the epoch is chosen on a "
         f"patient-level stratified {p['val_fraction_of_training_folds']:.0%} of those folds only (seed "
         f"{p['val_seed']}), and fold k is the test. Per fold: {f[0]['n_train']} train / {f[0]['n_val']} validation / "
         f"{f[0]['n_test']} test phantoms (test folds {', '.join(str(x['n_test']) for x in f)}).",
-        f"- Schedule: **{p['epochs']} epochs** per network (every variant and fold; the reported runs above and "
-        "`configs/dual_sampling_cpu.yaml` use 20, the paper the best of 20), cosine decay over those epochs, best "
+        f"- Schedule: **{p['epochs']} epochs** per network (every variant and fold; "
+        + ("as the reported runs above, `configs/dual_sampling_cpu.yaml` and the paper (best of 20)"
+           if p["epochs"] == 20 else
+           "the reported runs above and `configs/dual_sampling_cpu.yaml` use 20, the paper the best of 20")
+        + "), cosine decay over those epochs, best "
         "validation epoch (AUC, ties by BCE); otherwise `configs/dual_sampling_cpu.yaml`, training seed 0. "
         f"Variants: {', '.join(c['variants_run'])}" + (" and Attention RN34 + DS (Eq. 5 from the US and SS networks "
                                                         "of the same fold, finder ratio)"
@@ -332,6 +346,47 @@ def cv_section(c: dict) -> str:
         cv_markdown(c)])
 
 
+def cv_earlier_section(e: dict, c: dict) -> str:
+    """The earlier CV run ``e`` (``CV_EARLIER_JSON``, other schedule, same folds) summarised beside the current ``c``:
+    AUC / accuracy mean ± SD, pooled out-of-fold AUC, the fold models on the held-out cohort, and the paired t-tests
+    over the folds, one column per schedule."""
+    ne, nc = e["protocol"]["epochs"], c["protocol"]["epochs"]
+    same = e["data"] == c["data"] and e["folds"] == c["folds"] and all(
+        e["protocol"][k] == c["protocol"][k] for k in ("k", "fold_seed", "val_fraction_of_training_folds", "val_seed",
+                                                        "train_seed"))
+
+    def ms(r, m):
+        return "–" if r is None or m not in r else f"{r[m]['mean']:.3f} ± {_f(r[m]['sd'])}"
+
+    def tp(t, m):
+        return "–" if t is None else f"{_f(t[m]['mean_difference'])} ({_f(t[m]['p_value'])})"
+
+    he, hc = e.get("heldout_fold_models") or {}, c.get("heldout_fold_models") or {}
+    names = list(c["mean_sd"]) + [k for k in e["mean_sd"] if k not in c["mean_sd"]]
+    lines = [f"### The earlier 5-fold cross-validation at {ne} epochs (kept for comparison: "
+             f"`experiments/results/{CV_EARLIER_JSON.name}`)", "",
+             f"- {'Same' if same else 'Different'} data, folds, validation parts and training seed as the "
+             f"{nc}-epoch run above; only the schedule differs ({ne} epochs, cosine decay over them). Machine: "
+             f"{e['machine']}. Wall time {e['wall_s'] / 60:.0f} min. Variants: {', '.join(e['variants_run'])}"
+             + (" and Attention RN34 + DS (Eq. 5)" if "Attention RN34 + DS" in e["mean_sd"] else "") + ".", "",
+             f"| model (5-fold CV) | AUC mean ± SD, {nc} ep | {ne} ep | accuracy mean ± SD, {nc} ep | {ne} ep "
+             f"| pooled out-of-fold AUC, {nc} ep | {ne} ep | fold models on the held-out cohort, AUC, {nc} ep "
+             f"| {ne} ep |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        rc, re_ = c["mean_sd"].get(n), e["mean_sd"].get(n)
+        pc, pe = c["pooled"].get(n), e["pooled"].get(n)
+        lines.append(f"| {n} | {ms(rc, 'auc')} | {ms(re_, 'auc')} | {ms(rc, 'accuracy')} | {ms(re_, 'accuracy')} | "
+                     f"{'–' if pc is None else _f(pc['auc'])} | {'–' if pe is None else _f(pe['auc'])} | "
+                     f"{ms(hc.get('mean_sd', {}).get(n), 'auc')} | {ms(he.get('mean_sd', {}).get(n), 'auc')} |")
+    keys = list(c["ttest"]) + [k for k in e["ttest"] if k not in c["ttest"]]
+    lines += ["", f"| paired t-test over the folds: mean difference (p) | AUC, {nc} ep | {ne} ep | accuracy, {nc} ep "
+              f"| {ne} ep |", "|---|---|---|---|---|"]
+    for k in keys:
+        tc, te = c["ttest"].get(k), e["ttest"].get(k)
+        lines.append(f"| {k} | {tp(tc, 'auc')} | {tp(te, 'auc')} | {tp(tc, 'accuracy')} | {tp(te, 'accuracy')} |")
+    return "\n".join(lines)
+
+
 def _hand_written(text: str, head: str) -> str:
     """A hand-written paragraph of the current block (kept when ``results`` is rerun without it)."""
     import re
@@ -344,7 +399,7 @@ def _hand_written(text: str, head: str) -> str:
     return m.group(1) if m else ""
 
 
-def write_results(observations: str = "", cv_reading: str = "") -> None:
+def write_results(observations: str = "", cv_reading: str = "", cv_reading_earlier: str = "") -> None:
     import re
 
     res = json.loads(OUT_JSON.read_text())
@@ -352,7 +407,9 @@ def write_results(observations: str = "", cv_reading: str = "") -> None:
     text = md.read_text()
     observations = observations or _hand_written(text, "Observations (hand-written")
     cv_reading = cv_reading or _hand_written(text, "Reading of the cross-validation (hand-written")
-    block = results_section(res, observations, cv_reading)
+    cv_reading_earlier = cv_reading_earlier or _hand_written(text, "Reading of the earlier cross-validation "
+                                                                     "(hand-written")
+    block = results_section(res, observations, cv_reading, cv_reading_earlier)
     if "<!-- dual-sampling -->" in text:
         text = re.sub(r"<!-- dual-sampling -->.*?<!-- /dual-sampling -->", lambda _: block, text, flags=re.S)
     else:
@@ -691,7 +748,10 @@ def write_loso_results(observations: str = "") -> None:
 # ------------------------------------------------------------------------------------------ 5-fold cross-validation
 CV_RUNS = ROOT / "runs" / "dual_sampling_cv"
 CV_JSON = ROOT / "experiments" / "results" / "dual_sampling_cv.json"
-CV_K, CV_EPOCHS, CV_VAL_FRACTION, CV_SEED = 5, 8, 0.2, 0  # 8 epochs: all 3 networks x 5 folds in <= 60 min
+# the first CV run (8 epochs, 26 min), kept beside the 20-epoch one in CV_JSON and summarised next to it in RESULTS.md
+CV_EARLIER_JSON = ROOT / "experiments" / "results" / "dual_sampling_cv_8ep.json"
+CV_K, CV_EPOCHS, CV_VAL_FRACTION, CV_SEED = 5, 20, 0.2, 0  # 20 epochs as the config / paper: ~85 min on 1 thread
+CV_BUDGET_MIN = 75.0  # all 3 networks x 5 folds at 20 epochs fit in ~75 min of training on one (shared) core
 CV_REQUIRED = ("rn34_us", "att_us")  # the paper's main comparison (attention or not), always run
 CV_OPTIONAL = ("att_ss",)            # run after the required ones when the time budget allows; + DS (Eq. 5)
 CV_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
@@ -857,7 +917,8 @@ def _cpu_name() -> str:
     return ""
 
 
-def cv(quick: bool = False, epochs: int = CV_EPOCHS, budget_min: float | None = 60.0, heldout: bool = True) -> dict:
+def cv(quick: bool = False, epochs: int = CV_EPOCHS, budget_min: float | None = CV_BUDGET_MIN,
+       heldout: bool = True) -> dict:
     """The 5-fold CV of the training cohort (seed 7000, 160 phantoms) -> ``experiments/results/dual_sampling_cv.json``.
     ``quick``: 2 folds, 1 epoch, 12 phantoms, every variant, into ``runs/dual_sampling_cv_quick`` (a smoke run)."""
     import logging
@@ -919,13 +980,21 @@ def _cv_pointer() -> dict | str:
     if not CV_JSON.is_file():
         return "not run (CPU time)"
     c = json.loads(CV_JSON.read_text())
-    return {"file": str(CV_JSON.relative_to(ROOT)), "k": c["protocol"]["k"], "epochs": c["protocol"]["epochs"],
-            "data": "synthetic training cohort (seed 7000), patient-level stratified folds",
-            "auc_mean_sd": {k: [v["auc"]["mean"], v["auc"]["sd"]] for k, v in c["mean_sd"].items()},
-            "accuracy_mean_sd": {k: [v["accuracy"]["mean"], v["accuracy"]["sd"]] for k, v in c["mean_sd"].items()},
-            "pooled_auc": {k: v["auc"] for k, v in c["pooled"].items()},
-            "ttest_p": {k: {m: t[m]["p_value"] for m in ("auc", "accuracy")} for k, t in c["ttest"].items()},
-            "wall_s": c["wall_s"]}
+    out = {"file": str(CV_JSON.relative_to(ROOT)), "k": c["protocol"]["k"], "epochs": c["protocol"]["epochs"],
+           "data": "synthetic training cohort (seed 7000), patient-level stratified folds",
+           "auc_mean_sd": {k: [v["auc"]["mean"], v["auc"]["sd"]] for k, v in c["mean_sd"].items()},
+           "accuracy_mean_sd": {k: [v["accuracy"]["mean"], v["accuracy"]["sd"]] for k, v in c["mean_sd"].items()},
+           "pooled_auc": {k: v["auc"] for k, v in c["pooled"].items()},
+           "ttest_p": {k: {m: t[m]["p_value"] for m in ("auc", "accuracy")} for k, t in c["ttest"].items()},
+           "wall_s": c["wall_s"], "skipped": c.get("skipped", {})}
+    if CV_EARLIER_JSON.is_file():
+        e = json.loads(CV_EARLIER_JSON.read_text())
+        if e["protocol"]["epochs"] != c["protocol"]["epochs"]:
+            out["earlier"] = {"file": str(CV_EARLIER_JSON.relative_to(ROOT)), "epochs": e["protocol"]["epochs"],
+                              "auc_mean_sd": {k: [v["auc"]["mean"], v["auc"]["sd"]] for k, v in e["mean_sd"].items()},
+                              "ttest_p": {k: {m: t[m]["p_value"] for m in ("auc", "accuracy")}
+                                          for k, t in e["ttest"].items()}}
+    return out
 
 
 def cv_markdown(cv_res: dict) -> str:
@@ -978,13 +1047,15 @@ def main(argv=None) -> int:
     ap.add_argument("--observations", default="", help="hand-written observations for the RESULTS.md block "
                     "(default: keep the current ones)")
     ap.add_argument("--cv-reading", default="", help="hand-written reading of the cross-validation (default: keep)")
+    ap.add_argument("--cv-reading-earlier", default="", help="hand-written reading of the earlier (8-epoch) "
+                    "cross-validation in CV_EARLIER_JSON (default: keep)")
     ap.add_argument("variant", nargs="?", choices=tuple(VARIANTS))
     ap.add_argument("--max-chunks", type=int, default=None)
     ap.add_argument("--kinds", default="train,test", help="prepare: cohorts to cache (train,test)")
     ap.add_argument("--quick", action="store_true", help="cv: 2 folds, 1 epoch, 12 phantoms; loso: tiny cohort / "
                     "network, 1 epoch, nothing written (smoke runs)")
     ap.add_argument("--epochs", type=int, default=CV_EPOCHS, help="cv: epochs per network (every variant and fold)")
-    ap.add_argument("--budget-min", type=float, default=60.0,
+    ap.add_argument("--budget-min", type=float, default=CV_BUDGET_MIN,
                     help="cv: Attention RN34 + SS (and DS) only if they fit in this many minutes; 0 = no limit")
     ap.add_argument("--no-heldout", action="store_true", help="cv: skip the fold models on the held-out cohort")
     a = ap.parse_args(argv)
@@ -1002,7 +1073,7 @@ def main(argv=None) -> int:
         write_loso_results(a.observations)
     else:
         {"evaluate": evaluate, "bundle": bundle, "real": real, "seeds": seed_spread,
-         "results": lambda: write_results(a.observations, a.cv_reading)}[a.step]()
+         "results": lambda: write_results(a.observations, a.cv_reading, a.cv_reading_earlier)}[a.step]()
     return 0
 
 

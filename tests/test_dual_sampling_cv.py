@@ -111,3 +111,55 @@ def test_ttest_edge_cases(dse):
 
     assert r["p_value"] == pytest.approx(ttest_rel([0.9, 0.85, 0.8, 0.95, 0.7], [0.8, 0.8, 0.75, 0.9, 0.7]).pvalue)
     assert dse._ttest([0.9, None], [0.8, 0.7])["p_value"] is None
+
+
+def test_results_block_keeps_the_earlier_cv_beside_the_current_one(dse, tmp_path, monkeypatch):
+    """RESULTS.md block: the current CV (20 epochs) is the main table, the earlier run (CV_EARLIER_JSON, 8 epochs)
+    is summarised beside it, and both hand-written readings survive a rerun of ``results`` without text."""
+    import copy
+    import json
+
+    res_dir = dse.ROOT / "experiments" / "results"
+    earlier = json.loads((res_dir / "dual_sampling_cv_8ep.json").read_text())
+    assert earlier["protocol"]["epochs"] == 8
+    current = copy.deepcopy(earlier)
+    current["protocol"]["epochs"] = 20
+    current["mean_sd"]["RN34 + US"]["auc"] = {"mean": 0.5, "sd": 0.25}
+    current["ttest"]["Attention RN34 + US vs RN34 + US"]["auc"]["p_value"] = 0.0123
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    paths = {"OUT_JSON": tmp_path / "experiments" / "results" / "dual_sampling_eval.json",
+             "CV_JSON": tmp_path / "experiments" / "results" / "dual_sampling_cv.json",
+             "CV_EARLIER_JSON": tmp_path / "experiments" / "results" / "dual_sampling_cv_8ep.json"}
+    paths["OUT_JSON"].write_text((res_dir / "dual_sampling_eval.json").read_text())
+    paths["CV_JSON"].write_text(json.dumps(current))
+    paths["CV_EARLIER_JSON"].write_text(json.dumps(earlier))
+    md = tmp_path / "experiments" / "RESULTS.md"
+    md.write_text("# Results\n\n<!-- dual-sampling -->\nold block\n<!-- /dual-sampling -->\n\n## next section\n")
+    monkeypatch.setattr(dse, "ROOT", tmp_path)
+    for k, v in paths.items():
+        monkeypatch.setattr(dse, k, v)
+
+    reading = "Reading of the cross-validation (hand-written, test):\n- twenty epochs"
+    reading_8 = "Reading of the earlier cross-validation (hand-written, test):\n- eight epochs"
+    dse.write_results("Observations (hand-written, test):\n- obs", reading, reading_8)
+    for _ in range(2):  # the second pass keeps the hand-written paragraphs from the file
+        text = md.read_text()
+        assert text.count("<!-- dual-sampling -->") == 1 and "old block" not in text and "## next section" in text
+        main_at = text.index("### 5-fold cross-validation (training cohort; the paper's Sec. IV-C protocol, the "
+                             "paper's 20 epochs)")
+        earlier_at = text.index("### The earlier 5-fold cross-validation at 8 epochs")
+        assert main_at < text.index(reading) < earlier_at < text.index(reading_8) < text.index("<!-- /dual-sampling")
+        assert "**20 epochs** per network" in text and "**8 epochs**" not in text
+        side = text[earlier_at:]
+        assert "| AUC mean ± SD, 20 ep | 8 ep |" in side and "Same data, folds" in side
+        assert "| RN34 + US | 0.500 ± 0.250 | 0.894 ± 0.052 |" in side
+        assert "(0.012) | -0.062 (0.427) |" in side  # AUC t-test p: 20 epochs, then 8 epochs
+        assert "20 epochs, and the earlier 8-epoch one beside it" in text
+        dse.write_results()
+    ptr = dse._cv_pointer()  # the results JSON's cv entry names both runs
+    assert ptr["epochs"] == 20 and ptr["earlier"]["epochs"] == 8
+    assert ptr["earlier"]["file"] == "experiments/results/dual_sampling_cv_8ep.json"
+    # same schedule in both files: no comparison block
+    paths["CV_EARLIER_JSON"].write_text(json.dumps(current))
+    dse.write_results()
+    assert "### The earlier 5-fold" not in md.read_text()
