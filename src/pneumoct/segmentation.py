@@ -202,9 +202,9 @@ def _label_slice(probs: np.ndarray, crop, lung2d: np.ndarray, margin_px: int,
     probability and the sign of the interpolated class difference: same mask, a third less resampling."""
     r0, r1, c0, c1 = (int(v) for v in crop.box)
     h, w = lung2d.shape
-    g0, h0 = max(r0 - margin_px, 0), max(c0 - margin_px, 0)
-    grown = lung2d[g0:min(r1 + margin_px, h), h0:min(c1 + margin_px, w)]
-    limit = _lung_limit(grown, margin_px)[r0 - g0:r1 - g0, c0 - h0:c1 - h0]
+    gr, gc = max(r0 - margin_px, 0), max(c0 - margin_px, 0)  # the box grown by the margin starts here
+    grown = lung2d[gr:min(r1 + margin_px, h), gc:min(c1 + margin_px, w)]
+    limit = _lung_limit(grown, margin_px)[r0 - gr:r1 - gr, c0 - gc:c1 - gc]
     if probs.shape[0] <= 2:  # sigmoid lesion map, or a 2-way softmax (background / lesion)
         full = _resize_bilinear(probs[-1:], (r1 - r0, c1 - c0))
         lesion = np.clip(full[0], 0.0, 1.0)

@@ -78,11 +78,10 @@ def _clahe_core(images: np.ndarray, kernel_size: tuple[int, int], clip_limit: fl
     hist = _clip_histograms(hist, clim)
     # map_histogram: cumulative histogram scaled to [0, NR_OF_GRAY - 1]
     mapped = np.cumsum(hist, axis=-1).astype(float)
-    mapped *= (NR_OF_GRAY - 1 - 0) / kernel_elements
-    mapped += 0
+    mapped *= (NR_OF_GRAY - 1) / kernel_elements  # scikit-image's map_histogram with min_val 0
     np.clip(mapped, a_min=None, a_max=NR_OF_GRAY - 1, out=mapped)
     # int32 holds the mapped levels (< 2**14) exactly: the products below are the same float64 values as with int64
-    mapped = mapped.astype(int).astype(np.int32).reshape(n, hy, hx, nbins)
+    mapped = mapped.astype(np.int32).reshape(n, hy, hx, nbins)
     map_array = np.pad(mapped, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="edge")
 
     # bilinear interpolation of the four neighbouring regions' mappings, block by block
