@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -224,3 +225,23 @@ def test_warming_the_later_stages_imports_them_and_compiles_the_report():
     _warm_later_stages(True)
     assert {"pneumoct.headline", "pneumoct.quantify.rsna", "pneumoct.explain"} <= set(sys.modules)
     assert any("report.html" in str(k) for k in _ENV.cache.keys())
+
+
+def test_command_memory_settings_apply_to_its_process_only_and_a_user_setting_wins():
+    """The `pneumoct` command's allocator / huge-page settings (cli._keep_freed_memory, cli._small_pages): huge-page
+    advice off in that process, untouched where pneumoct is imported, and NUMPY_MADVISE_HUGEPAGE set by the user
+    wins. Run in fresh interpreters: the settings are process-wide."""
+    import subprocess
+    import sys
+
+    probe = ("import numpy as np, pneumoct.cli as c\n"
+             "before = np._core.multiarray._get_madvise_hugepage()\n"
+             "c._keep_freed_memory(); c._small_pages()\n"
+             "a = np.ones(1 << 24); assert a.sum() == 1 << 24\n"  # the heap settings keep allocations working
+             "print(before, np._core.multiarray._get_madvise_hugepage())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "NUMPY_MADVISE_HUGEPAGE": "1"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

@@ -194,18 +194,6 @@ def _receive_result(fd: int) -> Any | None:
     return pickle.loads(meta, buffers=buffers)  # written by our own child a moment ago, never by anyone else
 
 
-def _small_pages_for_numpy() -> None:
-    """A short-lived child touches all its memory once: NumPy's transparent-huge-page advice makes the kernel
-    compact memory for 2 MB pages at first touch, which cost more than it saved there (covid-P001 lung mask in a
-    child: system CPU 0.74 -> 0.44 s, wall 2.37 -> 2.18 s, measured). Private NumPy API: skipped if absent."""
-    try:
-        import numpy as np
-
-        np._core.multiarray._set_madvise_hugepage(False)
-    except (AttributeError, ImportError):  # pragma: no cover - another NumPy
-        pass
-
-
 class Forked:
     """Start ``fn(*args)`` now in a forked child process when :func:`_fork_safe`, else lazily in the caller's
     thread on :meth:`result` — the same result either way (``fn`` must be deterministic, its result picklable).
@@ -215,7 +203,8 @@ class Forked:
     ~2.3 s alone, ~3.0 s beside the import, measured). A child has its own interpreter and a copy-on-write view
     of the volume. Its result comes back through an anonymous file (``memfd``, else an unlinked temporary file):
     pickled with the arrays' bytes written raw and mapped, not copied, by the parent — a pipe and plain pickling
-    took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of memory) the work is redone here."""
+    took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of memory) the work is redone here. The child inherits
+    the command's memory settings (:func:`pneumoct.cli._keep_freed_memory`, :func:`pneumoct.cli._small_pages`)."""
 
     def __init__(self, fn: Callable[..., T], *args: Any):
         self._fn, self._args = fn, args
@@ -237,7 +226,6 @@ class Forked:
         if pid == 0:  # the child: compute, write, leave without running the parent's exit handlers
             code = 0
             try:
-                _small_pages_for_numpy()
                 try:
                     payload = ("ok", fn(*args))
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the parent
