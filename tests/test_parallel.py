@@ -191,6 +191,38 @@ def test_forked_gives_the_in_process_result_errors_and_survives_a_dead_child(mon
     dead = parallel.Forked(_child_dies, 41)
     assert dead.forked and dead.result() == 42  # redone in this process
 
+    # our input error comes back with its code (exit 2 in the command); an error that does not survive pickling
+    # is redone here, so the caller still sees the in-process exception, not a stand-in
+    from pneumoct.errors import PneumoctInputError
+
+    refused = parallel.Forked(_refuse, "bad_input")
+    with pytest.raises(PneumoctInputError) as info:
+        refused.result()
+    assert info.value.code == "bad_input" and str(info.value) == "refused: bad_input"
+    odd = parallel.Forked(_raise_unpicklable, os.getpid())
+    with pytest.raises(_Unpicklable) as info:
+        odd.result()
+    assert info.value.where == "here"
+
+
+def _refuse(code):
+    from pneumoct.errors import PneumoctInputError
+
+    raise PneumoctInputError(code, f"refused: {code}")
+
+
+class _Unpicklable(Exception):
+    def __init__(self, where, handle):
+        super().__init__(where)
+        self.where, self.handle = where, handle
+
+
+def _raise_unpicklable(parent_pid):
+    import os
+    import threading
+
+    raise _Unpicklable("here" if os.getpid() == parent_pid else "child", threading.Lock())  # a lock: no pickle
+
 
 def test_fork_only_when_allowed_and_alone(monkeypatch):
     import sys

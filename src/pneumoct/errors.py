@@ -10,5 +10,8 @@ class PneumoctInputError(ValueError):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # pickled with both arguments (a forked child's error comes back pickled)
+        return (type(self), (self.code, self.message))
+
     def __str__(self) -> str:  # one line, always
         return " ".join(self.message.split())

@@ -154,11 +154,9 @@ def _send_result(fd: int, payload: Any) -> None:
     import pickle
 
     buffers: list = []
-    try:
-        meta = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    except Exception as exc:  # noqa: BLE001 - an unpicklable result or error: its text
-        buffers = []
-        meta = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}")), protocol=5)
+    # an unpicklable result or error raises here: the child then leaves without a result and the parent redoes
+    # the work itself, so that the caller sees exactly the in-process result or exception
+    meta = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
     header = pickle.dumps((len(meta), [v.nbytes for v in views]))
     with os.fdopen(fd, "wb", buffering=0) as f:
@@ -191,7 +189,10 @@ def _receive_result(fd: int) -> Any | None:
     for length in lengths:
         buffers.append(view[pos:pos + length])
         pos += length
-    return pickle.loads(meta, buffers=buffers)  # written by our own child a moment ago, never by anyone else
+    try:
+        return pickle.loads(meta, buffers=buffers)  # written by our own child a moment ago, never by anyone else
+    except Exception:  # noqa: BLE001 - e.g. an exception type that does not unpickle: redone in-process
+        return None
 
 
 class Forked:
