@@ -57,6 +57,23 @@ def test_split_joined_lungs_into_two():
     assert (lab[:, 20, 10] == LUNG_RIGHT).all() and (lab[:, 20, 50] == LUNG_LEFT).all()
 
 
+def test_split_labels_every_lung_voxel():
+    """segment_lungs runs the organ-dome test on the unsplit lung beside the split: that needs the split to label
+    every lung voxel right or left (joined, cut, reaching over the midline, many small pieces)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    for k in range(12):
+        field = ndi.gaussian_filter(rng.random((8, 48, 72)), (0.5, 2 + k % 3, 2 + k % 4))
+        m = field > np.quantile(field, 0.35 + 0.04 * k)
+        if k % 3 == 0:  # two lungs joined at a junction line
+            m[:, 10:38, 6:30] = True
+            m[:, 10:38, 42:66] = True
+            m[:, 20:22, 30:42] = True
+        lab, _ = split_left_right(m, midline_col=35.5 + k % 5)
+        np.testing.assert_array_equal(lab > 0, m)
+
+
 def test_2d_variant_on_8bit_image():
     study, _, _ = _toy_chest(consolidation=False)
     sl = study.hu[study.shape[0] // 2].astype(np.float32)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..parallel import map_axis, run_chunks
+from ..parallel import Background, map_axis, run_chunks
 from ..types import LUNG_LEFT, LUNG_RIGHT, StudyVolume
 
 log = logging.getLogger("pneumoct.preprocess.lung_mask")
@@ -745,12 +745,15 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     del lung_lab
     info.update(extra_info)
     centres = _body_centres(body)
+    # the organ-dome test needs only the union of the two lungs, which the split labels whole (every lung voxel
+    # becomes right or left): it runs in a second thread beside the split (same result, tested)
+    domes = Background(organ_dome_holes, body, lung, name="pneumoct-domes")
     labels_work, split_info = split_left_right(lung, midline_col=_midline_col(centres, lung))
     info.update(split_info)
 
     radius_px = p.closing_radius_mm / pixel_mm
     allowed = body & (work < p.bone_threshold_hu)
-    blocked = organ_dome_holes(body, labels_work > 0)
+    blocked = domes.result()
     # a lung whose aerated part is less than `small_lung_fraction` of the other's is mostly filled by disease (or
     # collapsed): its 2D holes are consolidation far more likely than an organ dome, so the dome guard is off there
     n_aer = {lab_id: int(np.count_nonzero(labels_work == lab_id)) for lab_id in (LUNG_RIGHT, LUNG_LEFT)}
