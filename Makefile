@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m compileall -q src  # an editable install is not byte-compiled; each command would compile ~100 modules
 	touch $(STAMP)
 
 install: $(STAMP)

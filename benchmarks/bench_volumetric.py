@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_diagnose import CTMD, _memory_run, _timed  # noqa: E402  (the same fresh-process timer)
+from bench_diagnose import CTMD, _memory_run, _timed, compile_sources  # noqa: E402  (the same fresh-process timer)
 
 OUT = ROOT / "benchmarks" / "results" / "volumetric.json"
 
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    compile_sources()
     from pneumoct.volumetric import SYSTEMS
 
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, no GPU", "runs": []}
