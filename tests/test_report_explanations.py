@@ -105,6 +105,28 @@ def test_choice_where_the_evidence_is():
 # ------------------------------------------------------------------------------------------ lung restriction
 
 
+def test_dilate_region_on_its_box_equals_the_whole_image_transform():
+    """dilate_region_mm runs the distance transform on the region's box grown by the radius: the same pixels as on
+    the whole image (random regions, anisotropic spacing, regions at the border, a full box)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    for k in range(20):
+        shape = (40 + k, 60 - k)
+        r = ndi.binary_opening(rng.random(shape) > 0.93 - 0.02 * (k % 4), iterations=k % 2)
+        if k == 3:
+            r[:, :3] = True  # touches the border
+        if not r.any():
+            continue
+        sp = (0.6 + 0.1 * (k % 3), 0.7)
+        d = 1.0 + 0.7 * k
+        expected = ndi.distance_transform_edt(~r, sampling=sp) <= d if not r.all() else r
+        np.testing.assert_array_equal(dilate_region_mm(r, d, sp), expected)
+    full = np.zeros((30, 30), bool)
+    full[10:20, 10:20] = True
+    np.testing.assert_array_equal(dilate_region_mm(full, 0.5, (1.0, 1.0)), full)
+
+
 def test_restrict_map_hides_heat_outside_the_lung():
     shape = (64, 64)
     lung = disc(shape, (32, 20), 10)

@@ -305,12 +305,26 @@ def dilate_region_mm(region, dilate_mm: float, spacing: Sequence[float] = (1.0, 
         raise ValueError(f"region must be 2D (H, W), got shape {r.shape}")
     if dilate_mm <= 0 or not r.any() or r.all():
         return r.copy()
-    dist = ndi.distance_transform_edt(~r, sampling=(float(spacing[0]), float(spacing[1])))
-    return dist <= float(dilate_mm)
+    # only pixels within dilate_mm of the region can join it: the distance transform runs on the region's box
+    # grown by that much (+1 px), where every pixel's nearest region pixel lies — the same pixels as on the whole
+    # image, on a fraction of it
+    rows, cols = np.flatnonzero(r.any(axis=1)), np.flatnonzero(r.any(axis=0))
+    my = int(np.ceil(float(dilate_mm) / float(spacing[0]))) + 1
+    mx = int(np.ceil(float(dilate_mm) / float(spacing[1]))) + 1
+    box = (slice(max(int(rows[0]) - my, 0), int(rows[-1]) + my + 1),
+           slice(max(int(cols[0]) - mx, 0), int(cols[-1]) + mx + 1))
+    out = np.zeros_like(r)
+    sub = r[box]
+    if sub.all():
+        out[box] = True
+        return out
+    dist = ndi.distance_transform_edt(~sub, sampling=(float(spacing[0]), float(spacing[1])))
+    out[box] = dist <= float(dilate_mm)
+    return out
 
 
-def restrict_map_to_region(m, region, *, dilate_mm: float = 0.0,
-                           spacing: Sequence[float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+def restrict_map_to_region(m, region, *, dilate_mm: float = 0.0, spacing: Sequence[float] = (1.0, 1.0),
+                           grown: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A map shown only inside a region (e.g. the lung of the slice): returns ``(map01, region_used)``.
 
     The region is grown by ``dilate_mm`` (``dilate_region_mm``; a few mm keep subpleural lesions that the lung
@@ -319,12 +333,14 @@ def restrict_map_to_region(m, region, *, dilate_mm: float = 0.0,
     region itself (not the grown band, so a hot chest wall just outside the lung cannot set the scale; the band is
     clipped to [0, 1]): the strongest pixel of the region is 1 whatever the map did outside. An empty region gives
     an all-zero map; a map constant on the region gives 0 there too (nothing stands out). NaN/inf count as 0.
+    ``grown``: ``dilate_region_mm(region, dilate_mm, spacing)`` when the caller has it already (several maps on
+    one slice).
     """
     a = _as_2d_float(m)
     r0 = np.asarray(region) > 0
     if r0.shape != a.shape:
         raise ValueError(f"region has shape {r0.shape}, expected {a.shape}")
-    r = dilate_region_mm(r0, dilate_mm, spacing)
+    r = dilate_region_mm(r0, dilate_mm, spacing) if grown is None else np.asarray(grown, bool)
     out = np.zeros_like(a)
     if not r0.any():
         return out, r

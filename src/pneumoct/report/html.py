@@ -134,13 +134,17 @@ def _slice_values(result: dict[str, Any], key: str, n: int) -> np.ndarray:
     return out
 
 
-def _map_image(grey: np.ndarray, map2d: np.ndarray, region: np.ndarray | None, spacing_yx, aspect: float):
-    """A location map restricted to the (dilated) lung → (display RGB without boxes, in-lung map, region)."""
+def _map_image(grey: np.ndarray, map2d: np.ndarray, region: np.ndarray | None, spacing_yx, aspect: float,
+               grown: np.ndarray | None = None):
+    """A location map restricted to the (dilated) lung → (display RGB without boxes, in-lung map, region).
+    ``grown``: the lung region already dilated by ``MAP_LUNG_DILATION_MM`` (both maps of a slice share it)."""
     from ..explain.boxes import overlay_map_rgb, restrict_map_to_region
 
     if region is None:
         region = np.ones(map2d.shape, bool)
-    shown, reg = restrict_map_to_region(map2d, region, dilate_mm=MAP_LUNG_DILATION_MM, spacing=spacing_yx)
+        grown = None
+    shown, reg = restrict_map_to_region(map2d, region, dilate_mm=MAP_LUNG_DILATION_MM, spacing=spacing_yx,
+                                        grown=grown)
     return _resize_rgb(overlay_map_rgb(grey, shown), aspect), shown, reg
 
 
@@ -162,7 +166,8 @@ def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max
     informative (:func:`pneumoct.explain.boxes.map_informativeness`); otherwise the caption says why."""
     if learned is None or not (getattr(learned, "cam_maps", None) or getattr(learned, "prototype_maps", None)):
         return []
-    from ..explain.boxes import boxes_from_mask, boxes_from_saliency, map_informativeness
+    from ..explain.boxes import boxes_from_mask, boxes_from_saliency, dilate_region_mm, map_informativeness
+    from ..parallel import run_chunks
     from .render import window_to_uint8
 
     n = study.shape[0]
@@ -171,17 +176,18 @@ def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max
     aspect = float(study.spacing[1]) / float(study.spacing[2])
     spacing_yx = (float(study.spacing[1]), float(study.spacing[2]))
     min_mask_px = int(np.ceil(MASK_BOX_MIN_AREA_MM2 / (spacing_yx[0] * spacing_yx[1])))
-    panels = []
-    for z in choose_explanation_slices(area, prob, max_slices):
+
+    def panel(z: int) -> dict:
         grey = window_to_uint8(study.hu[z])
         lung = (lung_labels[z] > 0) if lung_labels is not None else None
+        grown = None if lung is None else dilate_region_mm(lung, MAP_LUNG_DILATION_MM, spacing_yx)
         mask_boxes = boxes_from_mask(lesion_mask[z], min_mask_px) if lesion_mask is not None else []
         mask_text = (f"magenta: {len(mask_boxes)} box(es) from the lesion mask" if mask_boxes
                      else "no lesion-mask component ≥ 20 mm² on this slice")
         images = []
         cam = learned.slice_map("cam", z)
         if cam is not None:
-            rgb, shown, reg = _map_image(grey, cam, lung, spacing_yx, aspect)
+            rgb, shown, reg = _map_image(grey, cam, lung, spacing_yx, aspect, grown)
             cam_boxes = boxes_from_saliency(shown, region=reg, min_area_px=max(20, min_mask_px))
             info = map_informativeness(cam, reg, cam_boxes)
             if info["informative"]:
@@ -195,7 +201,7 @@ def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max
                            "informative": bool(info["informative"])})
         proto = learned.slice_map("prototype", z)
         if proto is not None:
-            rgb, _, reg = _map_image(grey, proto, lung, spacing_yx, aspect)
+            rgb, _, reg = _map_image(grey, proto, lung, spacing_yx, aspect, grown)
             info = map_informativeness(proto, reg)
             flat = "" if info["informative"] else f" Nearly flat inside the lung ({info['reason']})."
             images.append({"uri": png_data_uri(_draw(rgb, mask_boxes, grey.shape, MASK_BOX_RGB)),
@@ -206,10 +212,14 @@ def location_map_panels(result: dict[str, Any], study: StudyVolume, learned, max
                         MASK_BOX_RGB)
             images.append({"uri": png_data_uri(rgb), "caption": f"no model map for this slice; {mask_text}",
                            "informative": False})
-        panels.append({"index": int(z), "position_mm": float(result["slices"][z]["position_mm"]),
-                       "lesion_probability": float(np.nan_to_num(prob[z])),
-                       "lesion_area_mm2": float(np.nan_to_num(area[z])), "images": images})
-    return panels
+        return {"index": int(z), "position_mm": float(result["slices"][z]["position_mm"]),
+                "lesion_probability": float(np.nan_to_num(prob[z])),
+                "lesion_area_mm2": float(np.nan_to_num(area[z])), "images": images}
+
+    chosen = list(choose_explanation_slices(area, prob, max_slices))
+    # panels are independent: threads take runs of them (in order; the report waits for them after quantify)
+    runs = run_chunks(lambda r: [panel(chosen[i]) for i in r], len(chosen), min_chunk=1)
+    return [p for run in runs for p in run]
 
 
 def explanation_scores(learned=None) -> list[dict]:
