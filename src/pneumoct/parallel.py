@@ -204,8 +204,8 @@ class Forked:
     ~2.3 s alone, ~3.0 s beside the import, measured). A child has its own interpreter and a copy-on-write view
     of the volume. Its result comes back through an anonymous file (``memfd``, else an unlinked temporary file):
     pickled with the arrays' bytes written raw and mapped, not copied, by the parent — a pipe and plain pickling
-    took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of memory) the work is redone here. The child inherits
-    the command's memory settings (:func:`pneumoct.cli._keep_freed_memory`, :func:`pneumoct.cli._small_pages`)."""
+    took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of memory) the work is redone here.
+    The child inherits the command's memory settings (``pneumoct.cli._keep_freed_memory``, ``_small_pages``)."""
 
     def __init__(self, fn: Callable[..., T], *args: Any):
         self._fn, self._args = fn, args
