@@ -29,6 +29,7 @@ def test_install_records_provenance(tmp_path, sources, kind):
     assert (dest / "model_card.md").exists() and not (tmp_path / "w" / "m3lung_patient.partial").exists()
     model = load_bundled_models(tmp_path / "w")["m3lung_patient"]
     assert model.meta["data_kind"] == kind
+    assert model.backend == "onnxruntime"  # installed with its ONNX export: diagnose runs it without PyTorch
     assert model.meta["validation_summary"]["val_acc"] == 0.75
     if kind == "real":
         assert model.meta["trained_on"].endswith("covid-ct-md, medseg")

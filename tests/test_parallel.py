@@ -234,7 +234,7 @@ def test_fork_only_when_allowed_and_alone(monkeypatch):
     parallel.allow_fork(False)
     assert not parallel._fork_safe() and not parallel.Forked(abs, -3).forked
     monkeypatch.setattr(parallel, "_FORK_ALLOWED", True)
-    alone = threading.active_count() == 1 and "torch" not in sys.modules
+    alone = threading.active_count() == 1 and "torch" not in sys.modules and "onnxruntime" not in sys.modules
     assert parallel._fork_safe() == alone
     stop = threading.Event()
     t = threading.Thread(target=stop.wait)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .models.onnx_runtime import onnx_backend_wanted
 from .preprocess.slice_input import SliceInputs
 from .preprocess.windowing import M3LUNG_INFERENCE_CENTERS, M3LUNG_WIDTH
 from .types import CLASS_NAMES
@@ -44,12 +45,46 @@ def bundled_weights_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent / "weights"
 
 
-@dataclass
 class BundledModel:
-    key: str
-    model: Any
-    info: dict
-    path: Path
+    """One bundled network, ready for inference: :meth:`run` gives its head's named outputs
+    (:mod:`pneumoct.models.inference_heads`) with ONNX Runtime when the folder holds a current export (no PyTorch
+    imported), else with PyTorch. ``model`` is the PyTorch network (loaded on first access on the ONNX path)."""
+
+    def __init__(self, key: str, info: dict, path: Path, *, model: Any = None, onnx: Any = None):
+        self.key, self.info, self.path = key, info, Path(path)
+        self._model, self.onnx, self._head = model, onnx, None
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from .models.checkpoint import for_cpu_inference, load_checkpoint
+
+            self._model = for_cpu_inference(load_checkpoint(self.path)[0])
+        return self._model
+
+    def run(self, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+        """``{input name: array}`` → ``{output name: float32 array}``; ``threads``: intra-op threads for this
+        call (default: the cores pneumoct uses)."""
+        if self.onnx is not None:
+            return self.onnx.run(inputs, threads=threads)
+        import torch
+
+        from .models.inference_heads import build_head, head_for, run_head
+
+        if self._head is None:
+            self._head = build_head(head_for(self.info), self.model, self.info)
+        prev = torch.get_num_threads()
+        if threads is not None and threads != prev:
+            torch.set_num_threads(max(1, int(threads)))
+        try:
+            return run_head(self._head, inputs)
+        finally:
+            if torch.get_num_threads() != prev:
+                torch.set_num_threads(prev)
 
     @property
     def meta(self) -> dict:
@@ -69,8 +104,9 @@ class BundledModel:
 
 
 @lru_cache(maxsize=4)
-def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
-    from .models.checkpoint import for_cpu_inference, load_checkpoint  # torch only when a model is needed
+def _load_cached(weights_dir: str, use_onnx: bool = True) -> tuple[tuple[str, BundledModel], ...]:
+    from .models.checkpoint_info import read_checkpoint_info
+    from .models.onnx_runtime import load_onnx
 
     out = []
     for key in MODEL_KEYS:
@@ -78,9 +114,15 @@ def _load_cached(weights_dir: str) -> tuple[tuple[str, BundledModel], ...]:
         if not (d / "model.json").is_file():
             log.info("bundled model %s not found in %s", key, weights_dir)
             continue
+        info = read_checkpoint_info(d)
+        net = load_onnx(d, info) if use_onnx else None
+        if net is not None:
+            out.append((key, BundledModel(key, info, d, onnx=net)))
+            continue
+        from .models.checkpoint import for_cpu_inference, load_checkpoint  # torch only when a model needs it
+
         model, info = load_checkpoint(d)
-        model = for_cpu_inference(model)
-        out.append((key, BundledModel(key=key, model=model, info=info, path=d)))
+        out.append((key, BundledModel(key, info, d, model=for_cpu_inference(model))))
     return tuple(out)
 
 
@@ -88,13 +130,14 @@ _PREFETCH: dict[str, Any] = {}
 
 
 def prefetch_bundled_models(weights_dir: str | Path | None = None) -> None:
-    """Start importing torch and loading the bundled models in a background thread (issue 10: that takes ~1.5 s,
-    which then overlaps finding the lungs). ``load_bundled_models`` waits for it."""
+    """Start loading the bundled models in a background thread (ONNX Runtime sessions, ~0.2 s; or PyTorch and the
+    weights, ~1.5 s, where a model has no current ONNX export), overlapping finding the lungs.
+    ``load_bundled_models`` waits for it."""
     from .parallel import Background
 
     key = str(Path(weights_dir) if weights_dir else bundled_weights_dir())
     if key not in _PREFETCH:
-        _PREFETCH[key] = Background(_load_cached, key, name="pneumoct-models")
+        _PREFETCH[key] = Background(_load_cached, key, onnx_backend_wanted(), name="pneumoct-models")
 
 
 def load_bundled_models(weights_dir: str | Path | None = None) -> dict[str, BundledModel]:
@@ -103,7 +146,7 @@ def load_bundled_models(weights_dir: str | Path | None = None) -> dict[str, Bund
     bg = _PREFETCH.pop(key, None)
     if bg is not None:
         return dict(bg.result())
-    return dict(_load_cached(key))
+    return dict(_load_cached(key, onnx_backend_wanted()))
 
 
 @dataclass
@@ -145,7 +188,7 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                        batch_size: int = 32, keep_maps: bool = True,
                        threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None = None,
-                       slice_probability: str = "area", torch_threads: int | None = None,
+                       slice_probability: str = "area", threads: int | None = None,
                        inputs: SliceInputs | None = None) -> LearnedOutput:
     """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
 
@@ -156,33 +199,21 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     study it never saw (docs/models.md); ``"model"``: the network's calibrated score. The network's own score is
     always in ``lesion_probability_model`` and its CAM maps are always computed. ``threshold_area_mm2`` may be a
     callable returning the areas (the threshold baseline running in another thread): it is called only after all
-    networks ran. ``torch_threads``: PyTorch's intra-op threads for this call (restored after): one when another
+    networks ran. ``threads``: the networks' intra-op threads for this call: one when another
     stage uses the other core, so the two do not fight over it. ``inputs``: the study's shared
     :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
     if slice_probability not in ("area", "model"):
         raise ValueError("slice_probability must be 'area' or 'model'")
-    import torch
-
-    prev_threads = torch.get_num_threads()
-    if torch_threads is not None and torch_threads != prev_threads:
-        torch.set_num_threads(max(1, int(torch_threads)))
-    try:
-        return _run_learned_models(hu, lung_labels, models, batch_size=batch_size, keep_maps=keep_maps,
-                                   threshold_area_mm2=threshold_area_mm2, slice_probability=slice_probability,
-                                   inputs=inputs)
-    finally:
-        if torch.get_num_threads() != prev_threads:
-            torch.set_num_threads(prev_threads)
+    return _run_learned_models(hu, lung_labels, models, batch_size=batch_size, keep_maps=keep_maps,
+                               threshold_area_mm2=threshold_area_mm2, slice_probability=slice_probability,
+                               inputs=inputs, threads=threads)
 
 
 def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                         batch_size: int, keep_maps: bool,
                         threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None,
-                        slice_probability: str, inputs: SliceInputs | None = None) -> LearnedOutput:
-    import torch
-
-    from .models.checkpoint import channels_last_input
-
+                        slice_probability: str, inputs: SliceInputs | None = None,
+                        threads: int | None = None) -> LearnedOutput:
     out = LearnedOutput()
     z_total = hu.shape[0]
     if not models:
@@ -196,89 +227,76 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
         return out
     out.timing["crop"] = time.perf_counter() - t
 
-    with torch.inference_mode():
-        lesion = models.get("lesion_presence")
-        if lesion is not None:
-            t = time.perf_counter()
-            c, w = lesion.meta.get("window", [-600.0, 1200.0])
-            x_all = torch.from_numpy(inputs.inputs(int(lesion.meta.get("input_size", 96)), float(c), float(w),
-                                                   model="lesion_presence"))[:, None]
-            ch = int(lesion.meta.get("channels", 1))
-            if ch > 1:
-                x_all = x_all.expand(-1, ch, -1, -1)
-            probs, cams = [], []
-            for b in _batches(len(x_all), batch_size):
-                res = lesion.model(channels_last_input(lesion.model, x_all[b]))
-                probs.append(torch.softmax(res["logits"], 1)[:, 1].numpy())
-                if keep_maps:
-                    cams.append(_cam_from_output(res, x_all.shape[-2:]))
-            raw = np.concatenate(probs)
-            p_model = np.full(z_total, np.nan, np.float32)
-            p_model[z_idx] = raw
-            out.lesion_probability_model = p_model
-            area_cal = lesion.meta.get("area_calibration")
-            use_area = slice_probability == "area" and area_cal and threshold_area_mm2 is not None
-            if not use_area:
-                p = np.full(z_total, np.nan, np.float32)
-                p[z_idx] = calibrate(raw, lesion.meta.get("calibration"))
-                out.lesion_probability = p
-                out.lesion_probability_kind = "model"
-            if keep_maps:
-                cam = np.concatenate(cams)
-                out.cam_maps = {int(k): cam[i].astype(np.float16) for i, k in enumerate(z_idx)}
-            out.provenance["lesion_presence"] = lesion.provenance()
-            out.timing["lesion_presence"] = time.perf_counter() - t
+    def batched(model: BundledModel, x_all: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, S, S) inputs → the head's outputs for all N, ``batch_size`` at a time."""
+        ch = int(model.meta.get("channels", 1))
+        parts = []
+        for b in _batches(len(x_all), batch_size):
+            xb = x_all[b][:, None]
+            parts.append(model.run({"x": np.broadcast_to(xb, (xb.shape[0], ch) + xb.shape[2:])}, threads=threads))
+        return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}
 
-        m3 = models.get("m3lung_slice")
-        if m3 is not None:
-            t = time.perf_counter()
-            centers = m3.meta.get("window_centers") or list(M3LUNG_INFERENCE_CENTERS)
-            width = float(m3.meta.get("window_width", M3LUNG_WIDTH))
-            ch = int(m3.meta.get("channels", 3))
-            m3_size = int(m3.meta.get("input_size", 128))
-            cls_sum = les_sum = feat_sum = map_sum = None
-            # M3Lung-Sys Sec. III-A-2: at inference the window centre is -700/-600/-500 (width 1200) and the
-            # predicted scores and features are averaged over the three windows.
-            for c in centers:
-                x_all = torch.from_numpy(inputs.inputs(m3_size, float(c), width, model="m3lung_slice"))[:, None]
-                x_all = x_all.expand(-1, ch, -1, -1)
-                cls_p, les_p, feats, maps = [], [], [], []
-                for b in _batches(len(x_all), batch_size):
-                    res = m3.model(channels_last_input(m3.model, x_all[b]))
-                    cls_p.append(torch.softmax(res["class_logits"], 1).numpy())
-                    if res.get("lesion_logits") is not None:
-                        les_p.append(torch.softmax(res["lesion_logits"], 1)[:, 1].numpy())
-                    feats.append(res["features"].numpy())
-                    if keep_maps and res.get("location_map_full") is not None:
-                        maps.append(res["location_map_full"].numpy())
-                cls_sum = _acc(cls_sum, np.concatenate(cls_p))
-                feat_sum = _acc(feat_sum, np.concatenate(feats))
-                if les_p:
-                    les_sum = _acc(les_sum, np.concatenate(les_p))
-                if maps:
-                    map_sum = _acc(map_sum, np.concatenate(maps))
-            n_w = float(len(centers))
-            cp = np.full((z_total, len(CLASS_NAMES)), np.nan, np.float32)
-            cp[z_idx] = cls_sum / n_w
-            out.slice_class_probabilities = cp
-            if les_sum is not None:
-                lp = np.full(z_total, np.nan, np.float32)
-                lp[z_idx] = les_sum / n_w
-                out.slice_lesion_probability_m3lung = lp
-            if map_sum is not None:
-                mp = _normalise_maps(map_sum / n_w)
-                out.prototype_maps = {int(k): mp[i].astype(np.float16) for i, k in enumerate(z_idx)}
-            out.provenance["m3lung_slice"] = m3.provenance()
-            out.timing["m3lung_slice"] = time.perf_counter() - t
+    lesion = models.get("lesion_presence")
+    if lesion is not None:
+        t = time.perf_counter()
+        c, w = lesion.meta.get("window", [-600.0, 1200.0])
+        res = batched(lesion, inputs.inputs(int(lesion.meta.get("input_size", 96)), float(c), float(w),
+                                            model="lesion_presence"))
+        raw = res["probability"]
+        p_model = np.full(z_total, np.nan, np.float32)
+        p_model[z_idx] = raw
+        out.lesion_probability_model = p_model
+        area_cal = lesion.meta.get("area_calibration")
+        use_area = slice_probability == "area" and area_cal and threshold_area_mm2 is not None
+        if not use_area:
+            p = np.full(z_total, np.nan, np.float32)
+            p[z_idx] = calibrate(raw, lesion.meta.get("calibration"))
+            out.lesion_probability = p
+            out.lesion_probability_kind = "model"
+        if keep_maps:
+            out.cam_maps = {int(k): res["cam"][i].astype(np.float16) for i, k in enumerate(z_idx)}
+        out.provenance["lesion_presence"] = lesion.provenance()
+        out.timing["lesion_presence"] = time.perf_counter() - t
 
-            patient = models.get("m3lung_patient")
-            if patient is not None:
-                t = time.perf_counter()
-                feats = torch.from_numpy((feat_sum / n_w).astype(np.float32))[None]  # (1, N, D) slices in order
-                res = patient.model(feats)
-                out.patient_probabilities = torch.softmax(res["logits"], 1)[0].numpy().astype(np.float64)
-                out.provenance["m3lung_patient"] = patient.provenance()
-                out.timing["m3lung_patient"] = time.perf_counter() - t
+    m3 = models.get("m3lung_slice")
+    if m3 is not None:
+        t = time.perf_counter()
+        centers = m3.meta.get("window_centers") or list(M3LUNG_INFERENCE_CENTERS)
+        width = float(m3.meta.get("window_width", M3LUNG_WIDTH))
+        m3_size = int(m3.meta.get("input_size", 128))
+        cls_sum = les_sum = feat_sum = map_sum = None
+        # M3Lung-Sys Sec. III-A-2: at inference the window centre is -700/-600/-500 (width 1200) and the
+        # predicted scores and features are averaged over the three windows.
+        for c in centers:
+            res = batched(m3, inputs.inputs(m3_size, float(c), width, model="m3lung_slice"))
+            cls_sum = _acc(cls_sum, res["class_probabilities"])
+            feat_sum = _acc(feat_sum, res["features"])
+            if "lesion_probability" in res:
+                les_sum = _acc(les_sum, res["lesion_probability"])
+            if keep_maps and "location_map" in res:
+                map_sum = _acc(map_sum, res["location_map"])
+        n_w = float(len(centers))
+        cp = np.full((z_total, len(CLASS_NAMES)), np.nan, np.float32)
+        cp[z_idx] = cls_sum / n_w
+        out.slice_class_probabilities = cp
+        if les_sum is not None:
+            lp = np.full(z_total, np.nan, np.float32)
+            lp[z_idx] = les_sum / n_w
+            out.slice_lesion_probability_m3lung = lp
+        if map_sum is not None:
+            mp = _normalise_maps(map_sum / n_w)
+            out.prototype_maps = {int(k): mp[i].astype(np.float16) for i, k in enumerate(z_idx)}
+        out.provenance["m3lung_slice"] = m3.provenance()
+        out.timing["m3lung_slice"] = time.perf_counter() - t
+
+        patient = models.get("m3lung_patient")
+        if patient is not None:
+            t = time.perf_counter()
+            feats = (feat_sum / n_w).astype(np.float32)[None]  # (1, N, D) slices in order
+            res = patient.run({"features": feats}, threads=threads)
+            out.patient_probabilities = res["probabilities"][0].astype(np.float64)
+            out.provenance["m3lung_patient"] = patient.provenance()
+            out.timing["m3lung_patient"] = time.perf_counter() - t
     if lesion is not None and use_area:  # last: the areas may still be computed by another thread
         area = threshold_area_mm2() if callable(threshold_area_mm2) else threshold_area_mm2
         p = np.full(z_total, np.nan, np.float32)
@@ -307,26 +325,3 @@ def calibrate(p: np.ndarray, cal: dict | None) -> np.ndarray:
 
 def _acc(total: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     return x.astype(np.float64) if total is None else total + x
-
-
-DISPLAY_CAM_SCALE = "conv4"  # best of the scales against real lesion masks (benchmarks/RESULTS.md)
-
-
-def _cam_from_output(res: dict, hw) -> np.ndarray:
-    """CAM of the lesion class from a multi-scale CAM forward output, upsampled to the input and min-max
-    normalised. The Conv4 map is shown: on real lesion masks it pointed at lesions most often (0.85 vs 0.67 for
-    the joint product, which is too peaky to read); without Conv4 the joint product of the scales (Hu et al.)."""
-    import torch
-    import torch.nn.functional as F
-
-    maps = res["maps"]
-    if DISPLAY_CAM_SCALE in maps:
-        maps = {DISPLAY_CAM_SCALE: maps[DISPLAY_CAM_SCALE]}
-    joint = None
-    for m in maps.values():
-        up = F.interpolate(m[:, 1:2].float(), size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
-        lo = up.flatten(1).amin(1)[:, None, None]
-        hi = up.flatten(1).amax(1)[:, None, None]
-        up = (up - lo) / (hi - lo).clamp_min(1e-8)
-        joint = up if joint is None else joint * up
-    return joint.numpy() if isinstance(joint, torch.Tensor) else np.zeros((0,) + tuple(hw), np.float32)

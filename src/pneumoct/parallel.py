@@ -137,12 +137,13 @@ def allow_fork(on: bool = True) -> None:
 
 def _fork_safe() -> bool:
     """Fork only a process that is still simple: POSIX, more than one core to gain, no other Python thread (a
-    thread's held locks would be copied locked) and PyTorch not imported (its OpenMP pool does not survive a
-    fork). In a batch, the first study qualifies; later ones run in-process, where nothing competes any more."""
+    thread's held locks would be copied locked) and neither PyTorch nor ONNX Runtime imported (their native
+    thread pools do not survive a fork). In a batch, the first study qualifies; later ones run in-process, where
+    nothing competes any more."""
     import sys
 
     return (_FORK_ALLOWED and hasattr(os, "fork") and n_threads() > 1 and threading.active_count() == 1
-            and "torch" not in sys.modules)
+            and "torch" not in sys.modules and "onnxruntime" not in sys.modules)
 
 
 _FORKED_MAGIC = b"PNEUMOCT-FORKED-1"
@@ -199,8 +200,8 @@ class Forked:
     """Start ``fn(*args)`` now in a forked child process when :func:`_fork_safe`, else lazily in the caller's
     thread on :meth:`result` — the same result either way (``fn`` must be deterministic, its result picklable).
 
-    Why: while the lungs are found, the main process imports PyTorch and loads the networks; both are Python code
-    holding the GIL, and the lung mask's NumPy / SciPy steps between C calls waited for it (covid-P001: lungs
+    Why: while the lungs are found, the main process loads the networks (and PyTorch where one has no ONNX
+    export); that is Python code holding the GIL, and the lung mask's NumPy / SciPy steps between C calls waited for it (covid-P001: lungs
     ~2.3 s alone, ~3.0 s beside the import, measured). A child has its own interpreter and a copy-on-write view
     of the volume. Its result comes back through an anonymous file (``memfd``, else an unlinked temporary file):
     pickled with the arrays' bytes written raw and mapped, not copied, by the parent — a pipe and plain pickling

@@ -103,13 +103,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
 
     t = time.perf_counter()
     # the lungs start first: in the command's own process they run in a forked child (parallel.Forked), which
-    # needs a process with no other thread yet; then torch and the weights load here meanwhile
+    # needs a process with no other thread yet; then the networks load here meanwhile
     lungs_job = Forked(segment_lungs, study, opts.lung_params)
     calibration = None
     if opts.use_learned_models:
         from .burden import load_calibration
 
-        prefetch_bundled_models(opts.weights_dir)  # torch + weights load while the lungs are found
+        prefetch_bundled_models(opts.weights_dir)  # ONNX Runtime sessions (or PyTorch) load while the lungs are found
 
         calibration = load_calibration(opts.weights_dir)
         if opts.lesions is None and calibration is not None:
@@ -166,7 +166,7 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                                          threshold_area_mm2=lambda: (networks_busy.clear(),
                                                                      threshold_bg.result()[1])[1],
                                          slice_probability=opts.slice_probability,
-                                         torch_threads=max(1, n_threads() - 1) if threshold_bg.running else None,
+                                         threads=max(1, n_threads() - 1) if threshold_bg.running else None,
                                          inputs=shared_inputs())
             timing["learned_models"] = time.perf_counter() - t
     networks_busy.clear()

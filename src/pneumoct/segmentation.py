@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 
 from .errors import PneumoctInputError
 from .parallel import run_chunks
+from .preprocess.resample import resize_bilinear
 from .preprocess.slice_input import (
     LESION_MODEL_WINDOW,
     SliceInputs,
@@ -49,11 +50,30 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class Segmenter:
-    """A loaded segmentation network and its checkpoint info (``meta`` from ``model.json``)."""
+    """A loaded segmentation network and its checkpoint info (``meta`` from ``model.json``): ``onnx`` (an
+    :class:`~pneumoct.models.onnx_runtime.OnnxNet`) when the checkpoint carries a current ONNX export and ONNX
+    Runtime is installed — no PyTorch is imported then — else ``model``, the PyTorch network."""
 
     model: Any
     info: dict
     path: Path
+    onnx: Any = None
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.onnx is not None else "torch"
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (B, S, S) network inputs in [0, 1] (the model's input transform applied) → (B, K', S, S) float32
+        probabilities: K' = 1 (sigmoid) for a one-output model, K (softmax) otherwise."""
+        x = np.ascontiguousarray(x, dtype=np.float32)[:, None]
+        if self.channels > 1:
+            x = np.ascontiguousarray(np.broadcast_to(x, (x.shape[0], self.channels) + x.shape[2:]))
+        if self.onnx is not None:
+            return self.onnx(x)
+        from .models.inference_heads import SegmentationHead, run_head
+
+        return run_head(SegmentationHead(self.model), {"x": x})["probabilities"]
 
     @property
     def meta(self) -> dict:
@@ -81,6 +101,7 @@ class Segmenter:
         return {
             "architecture": self.info.get("model_name"),
             "checkpoint": str(self.path),
+            "backend": self.backend,
             "sha256": self.info.get("sha256"),
             "num_classes": self.num_classes,
             "classes": m.get("classes"),
@@ -108,8 +129,11 @@ def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
     """A checkpoint folder, or the bundled ``weights/lesion_seg`` (``$PNEUMOCT_WEIGHTS`` honoured) when None.
 
     Returns None when no path is given and no bundled segmenter exists. A given path that is not a finished
-    segmentation checkpoint is a :class:`PneumoctInputError`."""
-    from .models.checkpoint import for_cpu_inference, load_checkpoint
+    segmentation checkpoint is a :class:`PneumoctInputError`. The network runs with ONNX Runtime when the folder
+    holds a current ONNX export (:mod:`pneumoct.models.onnx_runtime`; PyTorch is then never imported), else with
+    PyTorch (``PNEUMOCT_BACKEND=torch`` forces it)."""
+    from .models.checkpoint_info import read_checkpoint_info
+    from .models.onnx_runtime import load_onnx
 
     if path is None:
         from .learned import bundled_weights_dir
@@ -121,10 +145,16 @@ def load_segmenter(path: str | Path | None = None) -> Segmenter | None:
         d = Path(path)
         if not d.exists():
             raise PneumoctInputError("bad_checkpoint", f"{d}: model folder does not exist")
-    model, info = load_checkpoint(d)
+    info = read_checkpoint_info(d)
     family = (info.get("meta") or {}).get("family")
     if family != "segmentation":
         raise PneumoctInputError("bad_checkpoint", f"{d}: not a segmentation model (meta.family = {family!r})")
+    net = load_onnx(d, info)
+    if net is not None:
+        return Segmenter(model=None, info=info, path=d, onnx=net)
+    from .models.checkpoint import for_cpu_inference, load_checkpoint
+
+    model, info = load_checkpoint(d)
     return Segmenter(model=for_cpu_inference(model), info=info, path=d)
 
 
@@ -157,38 +187,8 @@ def _prepared_batches(x: np.ndarray, batch_size: int, transform: str):
 def _probabilities(segmenter: Segmenter, x: np.ndarray, batch_size: int, transform: str = "none") -> np.ndarray:
     """(N, S, S) network inputs in [0, 1] (before the model's input ``transform``) → (N, K', S, S) probabilities;
     K' = 1 (lesion) for a binary model, K classes (softmax) otherwise."""
-    import torch
-
-    from .models.checkpoint import channels_last_input
-
-    out = []
-    with torch.inference_mode():
-        for xb in _prepared_batches(x, batch_size, transform):
-            xt = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))[:, None]
-            if segmenter.channels > 1:
-                xt = xt.expand(-1, segmenter.channels, -1, -1)
-            res = segmenter.model(channels_last_input(segmenter.model, xt))
-            logits = res["logits"] if isinstance(res, dict) else res
-            logits = logits.float()
-            if logits.shape[-2:] != xt.shape[-2:]:
-                logits = torch.nn.functional.interpolate(logits, size=tuple(xt.shape[-2:]), mode="bilinear",
-                                                         align_corners=False)
-            if logits.shape[1] == 1:
-                out.append(torch.sigmoid(logits).numpy())
-            else:
-                out.append(torch.softmax(logits, 1).numpy())
+    out = [segmenter.probabilities(xb) for xb in _prepared_batches(x, batch_size, transform)]
     return np.concatenate(out) if out else np.zeros((0, 1) + tuple(x.shape[-2:]), np.float32)
-
-
-def _resize_bilinear(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(K, S, S) maps → (K, h, w) float32, bilinear with the pixel-area convention of
-    :func:`~pneumoct.preprocess.resample.zoom_to_shape` (half-pixel centres, edge values beyond the last centre).
-    PyTorch's kernel (already loaded with the network) is ~25x faster than SciPy's; the values agree to ~1e-5."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
-    return torch.nn.functional.interpolate(x, size=tuple(int(v) for v in shape), mode="bilinear",
-                                           align_corners=False)[0].numpy()
 
 
 def _label_slice(probs: np.ndarray, crop, lung2d: np.ndarray, margin_px: int,
@@ -206,12 +206,12 @@ def _label_slice(probs: np.ndarray, crop, lung2d: np.ndarray, margin_px: int,
     grown = lung2d[gr:min(r1 + margin_px, h), gc:min(c1 + margin_px, w)]
     limit = _lung_limit(grown, margin_px)[r0 - gr:r1 - gr, c0 - gc:c1 - gc]
     if probs.shape[0] <= 2:  # sigmoid lesion map, or a 2-way softmax (background / lesion)
-        full = _resize_bilinear(probs[-1:], (r1 - r0, c1 - c0))
+        full = resize_bilinear(probs[-1:], (r1 - r0, c1 - c0))
         lesion = np.clip(full[0], 0.0, 1.0)
         mask = ((lesion >= threshold) & limit).astype(np.uint8)
     else:
         two = np.stack([1.0 - probs[0], probs[2] - probs[1]]).astype(np.float32)
-        full = _resize_bilinear(two, (r1 - r0, c1 - c0))
+        full = resize_bilinear(two, (r1 - r0, c1 - c0))
         lesion = np.clip(full[0], 0.0, 1.0)
         cls = np.where(full[1] > 0, LESION_CONSOLIDATION, LESION_GGO).astype(np.uint8)
         mask = np.where((lesion >= threshold) & limit, cls, 0).astype(np.uint8)
@@ -361,8 +361,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, *, segmenter_path:
                                          "(weights/lesion_seg); give one with --model CHECKPOINT_DIR")
         elif not Path(segmenter_path).exists():
             raise PneumoctInputError("bad_checkpoint", f"{segmenter_path}: model folder does not exist")
-        # torch and the weights load in another thread while the lungs are found: started once the study is read
-        # (the pixel decode already uses every core; the import beside it made the read ~1 s slower, measured), or
+        # the model loads in another thread while the lungs are found: started once the study is read (the pixel
+        # decode already uses every core; a PyTorch import beside it made the read ~1 s slower, measured), or
         # at the first call for 2D images
         from .parallel import Background
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import PneumoctInputError
 
 KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient", "lesion_seg", "deepsc")
+ONNX_KEYS = ("lesion_presence", "m3lung_slice", "m3lung_patient", "lesion_seg")  # + an ONNX export (2D heads)
 
 
 def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = None,
@@ -62,6 +63,10 @@ def install_run(run_dir: str | Path, key: str, weights_dir: str | Path | None = 
         if fp.is_file():
             _install_fingerprint(fp, tmp / "fingerprint.json", key, run.name)
             break
+    if key in ONNX_KEYS:  # `segment` / `diagnose` then run it without importing PyTorch: models/onnx_runtime.py
+        from ..models.onnx_runtime import try_export_onnx
+
+        try_export_onnx(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -407,6 +407,9 @@ def fit_segmentation(cfg: TrainConfig, out_dir, progress: bool = True, table: Sl
         run.write_json("metrics.json", metrics)
         _, info = load_checkpoint(run.best, expected_name=cfg.model.name)
         run.write_model_card(seg_model_card(cfg, summary, metrics, info))
+        from ..models.onnx_runtime import try_export_onnx
+
+        try_export_onnx(run.best)  # `segment` then runs it without importing PyTorch
         run.mark_done()
         log.info("done: best epoch %s, %s", best.get("epoch") if best else None, run.path)
         return metrics
