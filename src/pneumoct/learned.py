@@ -117,6 +117,8 @@ def _load_cached(weights_dir: str, use_onnx: bool = True) -> tuple[tuple[str, Bu
         info = read_checkpoint_info(d)
         net = load_onnx(d, info) if use_onnx else None
         if net is not None:
+            if net.default_threads > 1:  # diagnose runs the networks on one core less beside the threshold stage
+                net.prepare(net.default_threads - 1)
             out.append((key, BundledModel(key, info, d, onnx=net)))
             continue
         from .models.checkpoint import for_cpu_inference, load_checkpoint  # torch only when a model needs it
@@ -188,7 +190,7 @@ def _normalise_maps(m: np.ndarray) -> np.ndarray:
 def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str, BundledModel], *,
                        batch_size: int = 32, keep_maps: bool = True,
                        threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None = None,
-                       slice_probability: str = "area", threads: int | None = None,
+                       slice_probability: str = "area", threads: int | Callable[[], int | None] | None = None,
                        inputs: SliceInputs | None = None) -> LearnedOutput:
     """Run the bundled models on a (Z, Y, X) HU volume with its lung labels (canonical orientation).
 
@@ -199,8 +201,8 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     study it never saw (docs/models.md); ``"model"``: the network's calibrated score. The network's own score is
     always in ``lesion_probability_model`` and its CAM maps are always computed. ``threshold_area_mm2`` may be a
     callable returning the areas (the threshold baseline running in another thread): it is called only after all
-    networks ran. ``threads``: the networks' intra-op threads for this call: one when another
-    stage uses the other core, so the two do not fight over it. ``inputs``: the study's shared
+    networks ran. ``threads``: the networks' intra-op threads (None: all), or a callable asked before every
+    batch — one while another stage uses the other core, so the two do not fight over it. ``inputs``: the study's shared
     :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
     if slice_probability not in ("area", "model"):
         raise ValueError("slice_probability must be 'area' or 'model'")
@@ -213,7 +215,7 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
                         batch_size: int, keep_maps: bool,
                         threshold_area_mm2: np.ndarray | Callable[[], np.ndarray] | None,
                         slice_probability: str, inputs: SliceInputs | None = None,
-                        threads: int | None = None) -> LearnedOutput:
+                        threads: int | Callable[[], int | None] | None = None) -> LearnedOutput:
     out = LearnedOutput()
     z_total = hu.shape[0]
     if not models:
@@ -233,7 +235,8 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
         parts = []
         for b in _batches(len(x_all), batch_size):
             xb = x_all[b][:, None]
-            parts.append(model.run({"x": np.broadcast_to(xb, (xb.shape[0], ch) + xb.shape[2:])}, threads=threads))
+            parts.append(model.run({"x": np.broadcast_to(xb, (xb.shape[0], ch) + xb.shape[2:])},
+                                   threads=threads() if callable(threads) else threads))
         return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}
 
     lesion = models.get("lesion_presence")
@@ -293,7 +296,7 @@ def _run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[st
         if patient is not None:
             t = time.perf_counter()
             feats = (feat_sum / n_w).astype(np.float32)[None]  # (1, N, D) slices in order
-            res = patient.run({"features": feats}, threads=threads)
+            res = patient.run({"features": feats}, threads=threads() if callable(threads) else threads)
             out.patient_probabilities = res["probabilities"][0].astype(np.float64)
             out.provenance["m3lung_patient"] = patient.provenance()
             out.timing["m3lung_patient"] = time.perf_counter() - t

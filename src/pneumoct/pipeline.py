@@ -134,14 +134,29 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         networks_busy.set()
     all_threads = n_threads()
 
+    # with the threshold mask as the lesion mask (the default: the headline calibration's own mask), its
+    # quantification needs nothing from the networks: it runs in the same thread, while they may still be busy
+    quantify_early = lesions_mode == "threshold"
+
+    def quantify_mask(mask: np.ndarray) -> dict:
+        # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
+        return quantify(mask, lungs.labels, study.spacing, hu=study.hu,
+                        peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0,
+                        coverage=coverage)
+
     def threshold_stage():
         # beside the networks it keeps to one core (they get the others); once they are done (or alone) it may use
         # them all for its remaining steps (same result on any number of threads)
+        q_early = None
         with thread_budget(lambda: 1 if networks_busy.is_set() else all_threads):
             finding = drop_lesions_on_interpolated(find_lesions_threshold(study.hu, lungs.labels, study.spacing),
                                                    study)
-        timing["threshold_lesions"] = time.perf_counter() - t_thr
-        return finding, per_slice_lesion_area_mm2(finding.mask, study.spacing)
+            timing["threshold_lesions"] = time.perf_counter() - t_thr
+            if quantify_early:
+                t_q = time.perf_counter()
+                q_early = quantify_mask(finding.mask)
+                timing["quantify"] = time.perf_counter() - t_q
+        return finding, per_slice_lesion_area_mm2(finding.mask, study.spacing), q_early
 
     threshold_bg = Background(threshold_stage, name="pneumoct-threshold")
     lung_area = per_slice_lesion_area_mm2((lungs.labels > 0).astype(np.uint8), study.spacing)
@@ -166,11 +181,13 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
                                          threshold_area_mm2=lambda: (networks_busy.clear(),
                                                                      threshold_bg.result()[1])[1],
                                          slice_probability=opts.slice_probability,
-                                         threads=max(1, n_threads() - 1) if threshold_bg.running else None,
+                                         # the other cores while the threshold stage holds one; all once it is
+                                         # done (asked again at every batch)
+                                         threads=lambda: max(1, all_threads - 1) if threshold_bg.running else None,
                                          inputs=shared_inputs())
             timing["learned_models"] = time.perf_counter() - t
     networks_busy.clear()
-    threshold_finding, threshold_area = threshold_bg.result()
+    threshold_finding, threshold_area, q_early = threshold_bg.result()
     threshold_prob = lesion_probability_from_area(threshold_area, lung_area)
 
     volumetric = None
@@ -269,10 +286,11 @@ def analyse_study(study: StudyVolume, options: DiagnoseOptions | None = None,
         figures = Background(report_figures, slices, study, lungs.labels, finding.mask, learned, volumetric,
                              name="pneumoct-figures")
 
-    # a lung counts as involved from 1 mL of lesion: specks of a few voxels do not make a case bilateral
-    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu,
-                 peripheral_thickness_mm=opts.peripheral_thickness_mm, bilateral_min_ml=1.0, coverage=coverage)
-    timing["quantify"] = time.perf_counter() - t
+    if q_early is not None and finding is threshold_finding:
+        q = q_early  # quantified in the threshold stage (its own time is timing["quantify"])
+    else:
+        q = quantify_mask(finding.mask)
+        timing["quantify"] = time.perf_counter() - t
 
     t = time.perf_counter()
     rule = classify_by_rule(q)

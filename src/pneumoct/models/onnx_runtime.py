@@ -74,6 +74,10 @@ class OnnxNet:
             self._sessions[threads] = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
         return self._sessions[threads]
 
+    def prepare(self, threads: int) -> None:
+        """Make the session for ``threads`` now (e.g. while the lungs are found) rather than at its first call."""
+        self._session(max(1, int(threads)))
+
     def run(self, inputs: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
         res = self._session(max(1, int(threads or self.default_threads))).run(None, feed)
