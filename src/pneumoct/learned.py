@@ -97,6 +97,7 @@ class BundledModel:
             "architecture": self.info.get("model_name"),
             "checkpoint": self.path.name,
             "sha256": self.info.get("sha256"),
+            "backend": self.backend,
             "trained_on": m.get("trained_on", "unknown"),
             "data_kind": m.get("data_kind", "unknown"),
             "validation": m.get("validation_summary"),
@@ -202,8 +203,8 @@ def run_learned_models(hu: np.ndarray, lung_labels: np.ndarray, models: dict[str
     always in ``lesion_probability_model`` and its CAM maps are always computed. ``threshold_area_mm2`` may be a
     callable returning the areas (the threshold baseline running in another thread): it is called only after all
     networks ran. ``threads``: the networks' intra-op threads (None: all), or a callable asked before every
-    batch — one while another stage uses the other core, so the two do not fight over it. ``inputs``: the study's shared
-    :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
+    batch — one while another stage uses the other core, so the two do not fight over it. ``inputs``: the
+    study's shared :class:`~pneumoct.preprocess.slice_input.SliceInputs` (built here when not given)."""
     if slice_probability not in ("area", "model"):
         raise ValueError("slice_probability must be 'area' or 'model'")
     return _run_learned_models(hu, lung_labels, models, batch_size=batch_size, keep_maps=keep_maps,

@@ -201,12 +201,13 @@ class Forked:
     thread on :meth:`result` — the same result either way (``fn`` must be deterministic, its result picklable).
 
     Why: while the lungs are found, the main process loads the networks (and PyTorch where one has no ONNX
-    export); that is Python code holding the GIL, and the lung mask's NumPy / SciPy steps between C calls waited for it (covid-P001: lungs
-    ~2.3 s alone, ~3.0 s beside the import, measured). A child has its own interpreter and a copy-on-write view
-    of the volume. Its result comes back through an anonymous file (``memfd``, else an unlinked temporary file):
-    pickled with the arrays' bytes written raw and mapped, not copied, by the parent — a pipe and plain pickling
-    took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of memory) the work is redone here.
-    The child inherits the command's memory settings (``pneumoct.cli._keep_freed_memory``, ``_small_pages``)."""
+    export); that is Python code holding the GIL, and the lung mask's NumPy / SciPy steps between C calls waited
+    for it (covid-P001: lungs ~2.3 s alone, ~3.0 s beside the PyTorch import, measured). A child has its own
+    interpreter and a copy-on-write view of the volume. Its result comes back through an anonymous file (``memfd``,
+    else an unlinked temporary file): pickled with the arrays' bytes written raw and mapped, not copied, by the
+    parent — a pipe and plain pickling took ~0.15 s for a 148-slice lung mask. If the child dies (killed, out of
+    memory) the work is redone here. The child inherits the command's memory settings
+    (``pneumoct.cli._keep_freed_memory``, ``_small_pages``)."""
 
     def __init__(self, fn: Callable[..., T], *args: Any):
         self._fn, self._args = fn, args
