@@ -121,7 +121,7 @@ def load_onnx(ckpt_dir: str | Path, info: dict | None = None) -> OnnxNet | None:
     if sha256_file(d / ONNX_FILE) != record.get("sha256"):
         log.warning("%s: %s does not match its recorded SHA-256 (changed or corrupt): using PyTorch", d, ONNX_FILE)
         return None
-    weights = d / str(record.get("weights_in") or info.get("weights_file", WEIGHTS))
+    weights = d / Path(str(record.get("weights_in") or info.get("weights_file", WEIGHTS))).name  # in this folder
     if record.get("initializers_in_weights_file") and (
             not weights.is_file() or sha256_file(weights) != info.get("sha256")):
         log.warning("%s: %s is missing or does not match model.json's SHA-256 (changed or corrupt)", d, weights.name)
