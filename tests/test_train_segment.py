@@ -110,9 +110,22 @@ def test_binary_segmentation_learns(tmp_path, model, lr):
     assert meta["classes"] == ["background", "lesion"]
     assert meta["input_size"] == S and meta["channels"] == 1 and meta["window"] == [-600.0, 1200.0]
     assert meta["data"]["synthetic"] is True
+    x = torch.rand(2, 1, S, S)
     with torch.no_grad():
-        out = net(torch.rand(2, 1, S, S))
+        out = net(x)
     assert out["logits"].shape == (2, 1, S, S)
+    # the finished run carries an ONNX export `pneumoct segment --model RUN/best` uses, giving the same probabilities
+    import importlib.util
+
+    from pneumoct.segmentation import load_segmenter
+
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        seg = load_segmenter(run / "best")
+        assert seg.backend == "onnxruntime"
+        got = seg.probabilities(x[:, 0].numpy())
+        # float rounding only (batch norms folded into the convolutions, amplified by this toy net's small
+        # variances: PyTorch's own folded inference path is as far from the unfolded one)
+        assert np.abs(got - torch.sigmoid(out["logits"]).numpy()).max() < 5e-3
 
 
 def test_multiclass_mixed_binary_rows(tmp_path):

@@ -35,8 +35,10 @@ __all__ = ["ONNX_FILE", "ONNX_INFO", "OnnxNet", "export_onnx", "try_export_onnx"
 
 ONNX_FILE, ONNX_INFO = "model.onnx", "model.onnx.json"
 OPSET = 17
-#: the largest |ONNX - PyTorch| probability accepted at export (float32 rounding differs; ~1e-5 is typical)
-EXPORT_TOLERANCE = 1e-3
+#: the largest |ONNX - PyTorch| output accepted at export. Float32 rounding differs (ONNX Runtime folds batch norms
+#: into the convolutions, as PyTorch's inference path does): the bundled models agree to <= 5e-5, a briefly trained
+#: test network with small batch-norm variances to ~5e-4 — as far as PyTorch's folded path is from its unfolded one
+EXPORT_TOLERANCE = 5e-3
 
 
 def onnx_backend_wanted() -> bool:
