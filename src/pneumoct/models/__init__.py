@@ -36,6 +36,27 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def family_of(model_name: str) -> str:
+    """The model family a registry name belongs to (checkpoints record it as ``meta.family``)."""
+    from ..errors import PneumoctInputError
+
+    if model_name.startswith("dual_sampling"):
+        return "dual_sampling"
+    if model_name.startswith("jcs_seg") or model_name.startswith("unet"):
+        return "segmentation"
+    if model_name.startswith("deepsc"):
+        return "deepsc"
+    if model_name.startswith("multiscale_cam"):
+        return "multiscale_cam"
+    if model_name.startswith("m3lung_slice"):
+        return "m3lung_slice"
+    if model_name.startswith("m3lung_patient"):
+        return "m3lung_patient"
+    if model_name.startswith("jcs"):
+        return "jcs"
+    raise PneumoctInputError("bad_config", f"cannot tell the family of model {model_name!r}; set 'family'")
+
+
 _FAMILIES = ("multiscale_cam", "m3lung", "jcs", "jcs_seg", "unet", "deepsc", "dual_sampling")
 
 

@@ -31,19 +31,22 @@ HEADS = ("segmentation", "lesion_presence", "m3lung_slice", "m3lung_patient")
 DISPLAY_CAM_SCALE = "conv4"
 
 
+#: the inference head of each model family that has one (the 3D families run in PyTorch, see volumetric.py)
+HEAD_OF_FAMILY = {"segmentation": "segmentation", "multiscale_cam": "lesion_presence",
+                  "m3lung_slice": "m3lung_slice", "m3lung_patient": "m3lung_patient"}
+
+
 def head_for(info: dict) -> str | None:
     """The head a checkpoint's ``model.json`` calls for (None: no 2D inference head, e.g. a 3D network)."""
+    from ..errors import PneumoctInputError
+    from . import family_of
+
     family = (info.get("meta") or {}).get("family")
-    name = str(info.get("model_name", ""))
-    if family == "segmentation":
-        return "segmentation"
-    if name.startswith("multiscale_cam"):
-        return "lesion_presence"
-    if name.startswith("m3lung_slice"):
-        return "m3lung_slice"
-    if name.startswith("m3lung_patient"):
-        return "m3lung_patient"
-    return None
+    try:
+        family = family or family_of(str(info.get("model_name", "")))
+    except PneumoctInputError:
+        return None
+    return HEAD_OF_FAMILY.get(family)
 
 
 def example_inputs(head: str, info: dict, batch: int = 2) -> dict[str, torch.Tensor]:

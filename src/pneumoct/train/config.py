@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from ..errors import PneumoctInputError
+from ..models import family_of
 from ..types import CLASS_NAMES
 
 __all__ = ["TrainConfig", "ModelSpec", "DataConfig", "SplitConfig", "TrainOptions", "LossConfig", "PatientConfig",
@@ -200,24 +201,6 @@ def _default_classes(model_name: str) -> int:
     if model_name.startswith("multiscale_cam"):
         return 3
     return 4
-
-
-def family_of(model_name: str) -> str:
-    if model_name.startswith("dual_sampling"):
-        return "dual_sampling"
-    if model_name.startswith("jcs_seg") or model_name.startswith("unet"):
-        return "segmentation"
-    if model_name.startswith("deepsc"):
-        return "deepsc"
-    if model_name.startswith("multiscale_cam"):
-        return "multiscale_cam"
-    if model_name.startswith("m3lung_slice"):
-        return "m3lung_slice"
-    if model_name.startswith("m3lung_patient"):
-        return "m3lung_patient"
-    if model_name.startswith("jcs"):
-        return "jcs"
-    raise PneumoctInputError("bad_config", f"cannot tell the family of model {model_name!r}; set 'family'")
 
 
 def class_names_for(target: str, k: int) -> list[str]:
