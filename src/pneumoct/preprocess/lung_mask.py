@@ -40,11 +40,10 @@ from scipy import ndimage as ndi
 
 from ..parallel import Background, map_axis, run_chunks
 from ..types import LUNG_LEFT, LUNG_RIGHT, StudyVolume
+from .components import label as label_components
 
 log = logging.getLogger("pneumoct.preprocess.lung_mask")
 
-_STRUCT_6 = ndi.generate_binary_structure(3, 1)
-_STRUCT_2D_8 = np.ones((3, 3), bool)
 
 
 @dataclass
@@ -128,8 +127,8 @@ def _upsampled_count(mask_work: np.ndarray, factor: int, shape: tuple[int, int, 
     return int(wy @ per_pixel @ wx)
 
 
-def _largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
-    lab, n = ndi.label(mask, structure=structure)
+def _largest_component(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    lab, n = label_components(mask, connectivity)
     if n == 0:
         return mask.copy()
     sizes = np.bincount(lab.ravel())
@@ -142,7 +141,7 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
     Same result as ``ndi.binary_fill_holes`` but by one labelling pass, several times faster on large holes.
     """
-    lab, n = ndi.label(~mask)
+    lab, n = label_components(~mask, 4)
     if n == 0:
         return mask.copy()
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
@@ -177,7 +176,7 @@ def body_mask(work: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
     # a light in-plane opening detaches the table where it touches the back through a thin blanket
     # in-plane structure: slabs of slices on threads give exactly the whole-volume result
     dense = map_axis(_open_square3_inplane, dense)
-    body = _largest_component(dense, _STRUCT_6)
+    body = _largest_component(dense, 6)
     return _fill_holes_per_slice(body)
 
 
@@ -213,7 +212,7 @@ def find_airway(work: np.ndarray, internal_air: np.ndarray, pixel_mm: float, sli
     seed_z, seed_mask = None, None
     search_end = min(zs[0] + max(3, int(round(60.0 / slice_mm))), zs[-1] + 1)
     for z in range(zs[0], search_end):
-        lab, n = ndi.label((work[z] < threshold_hu + 40) & internal_air[z], structure=_STRUCT_2D_8)
+        lab, n = label_components((work[z] < threshold_hu + 40) & internal_air[z], 8)
         if n == 0:
             continue
         best = None
@@ -246,7 +245,7 @@ def find_airway(work: np.ndarray, internal_air: np.ndarray, pixel_mm: float, sli
         seeds[seed_z] = seed_mask & grow_region[seed_z]
         if not seeds.any():
             continue
-        lab, _ = ndi.label(grow_region, structure=_STRUCT_6)
+        lab, _ = label_components(grow_region, 6)
         ids = np.unique(lab[seeds])
         ids = ids[ids > 0]
         airway = np.isin(lab, ids)
@@ -260,7 +259,7 @@ def find_airway(work: np.ndarray, internal_air: np.ndarray, pixel_mm: float, sli
     airway = np.zeros_like(internal_air)
     current = seed_mask
     for z in range(seed_z, internal_air.shape[0]):
-        lab, n = ndi.label((work[z] < threshold_hu) & internal_air[z], structure=_STRUCT_2D_8)
+        lab, n = label_components((work[z] < threshold_hu) & internal_air[z], 8)
         ids = np.unique(lab[current & (lab > 0)])
         if ids.size == 0:
             break
@@ -326,7 +325,7 @@ def _split_left_right_box(lung: np.ndarray, max_erosions: int, mid: float, cross
                           seed_fraction: float) -> tuple[np.ndarray, dict[str, Any]]:
     info: dict[str, Any] = {}
     labels = np.zeros(lung.shape, np.uint8)
-    lab, n = ndi.label(lung, structure=_STRUCT_6)
+    lab, n = label_components(lung, 6)
     if n == 0:
         return labels, info
     # per-component counts from the lung voxels only (a fraction of the box): sizes, column sums, right-side counts
@@ -415,7 +414,7 @@ def _erosion_split(main: np.ndarray, right_cols: np.ndarray, max_erosions: int, 
         eroded = depth > k
         if not eroded.any():
             return None
-        elab, en = ndi.label(eroded, structure=_STRUCT_6)
+        elab, en = label_components(eroded, 6)
         if en < 2:
             continue
         esizes = np.bincount(elab.ravel(), minlength=en + 1)
@@ -469,7 +468,7 @@ def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, .
                 mk = markers[source[z - 1]]
             else:
                 mk = markers[z]
-            lab, n = ndi.label(m, structure=_STRUCT_2D_8)
+            lab, n = label_components(m, 8)
             # per blob: which seed labels (1, 2) it touches
             touch = np.bincount(lab[m] * 3 + mk[m], minlength=3 * (n + 1)).reshape(n + 1, 3)[:, 1:] > 0
             only = np.where(touch[:, 0] & ~touch[:, 1], 1, np.where(touch[:, 1] & ~touch[:, 0], 2, 0))
@@ -597,7 +596,7 @@ def _peripheral_pockets(m: np.ndarray, allowed: np.ndarray, centre: tuple[float,
     # keep only pockets that touch the lung (a stray hull corner across the mediastinum is not a pocket)
     # Pockets larger than a fraction of the aerated lung in the slice are not trusted: at the lung bases the
     # hull reaches over the liver, spleen and bowel, which also lie beyond a thin lung sliver.
-    lab, n = ndi.label(out, structure=_STRUCT_2D_8)
+    lab, n = label_components(out, 8)
     if n:
         touching = np.zeros(n + 1, bool)
         # the dilation only on the pockets' box (+1 px): the same pixels as on the whole slice, ~10x cheaper
@@ -707,7 +706,7 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
 
     body = body_mask(work, p.body_threshold_hu)
     air = (work < p.air_threshold_hu) & body
-    lab, n = ndi.label(air, structure=_STRUCT_6)
+    lab, n = label_components(air, 6)
     internal_air = np.zeros_like(air)
     kept = []
     if n:
@@ -807,7 +806,7 @@ def organ_dome_holes(body: np.ndarray, lung: np.ndarray, open_fraction: float = 
                 open_tissue[z] = body[z]
 
     run_chunks(per_slice, lung.shape[0])
-    lab, n = ndi.label(holes, structure=_STRUCT_6)
+    lab, n = label_components(holes, 6)
     if n == 0:
         return holes
     open_faces = np.zeros(n + 1)
@@ -837,7 +836,7 @@ def _lung_like_components(lung: np.ndarray, work: np.ndarray, p: LungMaskParams,
     pieces. Gas in the stomach, bowel or airways (~ -1000 HU) and pieces below the lungs are dropped.
     ``labelled``: (labels, n) of ``lung``'s 6-connected components, if already at hand (label 0 and unused
     numbers outside ``lung``)."""
-    lab, n = labelled if labelled is not None else ndi.label(lung, structure=_STRUCT_6)
+    lab, n = labelled if labelled is not None else label_components(lung, 6)
     # sizes from the lung's voxels only; with ``labelled`` some label numbers may be unused (dropped pieces)
     sizes = np.bincount(lab.ravel()[np.flatnonzero(lung)], minlength=n + 1)
     sizes[0] = 0
@@ -882,7 +881,7 @@ def _body_centres(body: np.ndarray) -> np.ndarray:
 def _drop_small_labelled(mask: np.ndarray, min_ml: float, voxel_ml: float) -> tuple[np.ndarray, np.ndarray, int]:
     """(mask without its 6-connected pieces under ``min_ml``, labels of the pieces kept (dropped ones set to 0;
     their numbers stay unused), number of labels): the kept pieces' labelling serves the next step too."""
-    lab, n = ndi.label(mask, structure=_STRUCT_6)
+    lab, n = label_components(mask, 6)
     if n == 0:
         return mask, lab, 0
     flat = np.flatnonzero(mask)  # the mask's voxels only (lung: a fifth of the volume)
@@ -940,14 +939,14 @@ def segment_lungs_2d(image: np.ndarray, *, is_hu: bool = False, pixel_mm: float 
         threshold = -400.0 if is_hu else float(threshold_otsu(img))
     dense = img > threshold
     dense = ndi.binary_opening(dense, structure=np.ones((3, 3), bool))
-    body = _largest_component(dense)
+    body = _largest_component(dense, 4)
     # exported 8-bit slices are often cropped through the chest (MedSeg), so the lungs reach the image edge and
     # are not holes of the body: a plain hole filling then keeps only air specks as "lung" (the cause of the
     # near-empty 2D `segment` masks). Such images take every dark region as candidate, minus corner air.
     cut = _cut_through_body(img <= threshold)
     body = fill_holes_2d(np.pad(body, 1, constant_values=True))[1:-1, 1:-1] if cut else fill_holes_2d(body)
     air = (img <= threshold) & body
-    lab, n = ndi.label(air, structure=_STRUCT_2D_8)
+    lab, n = label_components(air, 8)
     if n == 0:
         return np.zeros(image.shape, np.uint8)
     if cut:

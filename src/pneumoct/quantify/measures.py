@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pneumoct.parallel import run_chunks
+from pneumoct.preprocess.components import label as label_components
 from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO, LUNG_LEFT, LUNG_RIGHT
 
 __all__ = [
@@ -63,7 +64,6 @@ MOSMED_GRADES = {
     3: ("CT-3", "severe: 50-75% of the lung involved"),
     4: ("CT-4", "critical: >= 75% of the lung involved"),
 }
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 # ------------------------------------------------------------------------------------------------ floors
 # These are our own choices (no paper defines them); the reasons are in docs/quantification.md, "Floors".
@@ -224,7 +224,7 @@ def label_lesions(
         if lung.shape != les.shape:
             raise ValueError(f"lung_mask must have the lesion mask's shape {les.shape}, got {lung.shape}")
         les = les & (lung > 0)
-    labels, n = ndi.label(les, structure=_CONNECTIVITY_26)
+    labels, n = label_components(les, 26)
     if n == 0:
         return labels.astype(np.int32, copy=False), 0
     sizes = np.bincount(labels[les], minlength=n + 1)
@@ -395,7 +395,7 @@ def quantify(
 
     # ---- lesion = in-lung lesion voxels in components of at least min_lesion_ml (3D, 26-connectivity)
     les_in = (lz > 0) & lung
-    labels, n_components = ndi.label(les_in, structure=_CONNECTIVITY_26)
+    labels, n_components = label_components(les_in, 26)
     # from here on only the lesion voxels (a few % of the box) are touched, never the whole box again
     flat_in = np.flatnonzero(les_in)  # C order: sorted by z, then y, then x
     del les_in

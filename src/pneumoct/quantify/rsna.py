@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..preprocess.components import label as label_components
+
 __all__ = [
     "rsna_category",
     "CATEGORIES",
@@ -157,7 +159,6 @@ THRESHOLDS = {
     "max_array_lesions": MAX_ARRAY_LESIONS,
 }
 
-_CONN26 = np.ones((3, 3, 3), dtype=bool)
 _NOT_MEASURED_ALWAYS = {
     "crazy_paving": (
         "typical",
@@ -313,7 +314,7 @@ def _component_in_box(
     crop = mask[box] > 0
     if lung is not None:
         crop &= lung[box] > 0
-    labels, n = ndi.label(crop, structure=_CONN26)
+    labels, n = label_components(crop, 26)
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -340,14 +341,14 @@ def _shape(comp: np.ndarray, sp: tuple[float, float, float]) -> dict[str, float]
 def _cavity(comp: np.ndarray, hu_crop: np.ndarray, sp: tuple[float, float, float]) -> float:
     """Largest non-tubular gas cluster (mL) inside the lesion or enclosed by it in 3D; 0 when none."""
     padded = np.pad(comp, 1)
-    bg, _ = ndi.label(~padded)  # 6-connected background
+    bg, _ = label_components(~padded, 6)  # 6-connected background
     outside = bg[0, 0, 0]
     filled = (padded | ((bg > 0) & (bg != outside)))[1:-1, 1:-1, 1:-1]
     air = filled & (hu_crop <= CAVITY_AIR_HU)
     if not air.any():
         return 0.0
     voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
-    labels, n = ndi.label(air)
+    labels, n = label_components(air, 6)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     best = 0.0
     for c in np.flatnonzero(sizes * voxel_ml >= CAVITY_MIN_ML):

@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from pneumoct.types import LESION_CONSOLIDATION, LESION_GGO
 
 from ..parallel import map_axis, run_chunks
+from ..preprocess.components import label as label_components
 from ..preprocess.lung_mask import fill_holes_2d
 
 METHOD = "threshold-baseline"
@@ -463,7 +464,7 @@ def find_lesions_threshold(
 
     run_chunks(fill, len(cons_zs))
     if cons.any():
-        labels, n = ndi.label(cons, structure=_STRUCT26)
+        labels, n = label_components(cons, 26)
         _, _, sd = _component_shape(labels, n, sp)
         # hollow: the component encloses air in some slice (a bronchus inside consolidation); vessels are solid
         # holes touch their component in-plane; they lie in the consolidation's box, so the filter runs on it
@@ -565,7 +566,7 @@ def find_lesions_threshold(
     n_compact = 0
     cand = lung & (hl >= float(compact_hu)) & ~ggo & ~cons & ~rejected
     if cand.any():
-        labels, n = ndi.label(cand, structure=_STRUCT26)
+        labels, n = label_components(cand, 26)
         cnt, ext, sd = _component_shape(labels, n, sp)
         ok = (ext.max(axis=1) <= float(compact_max_mm)) & (cnt * voxel_ml >= float(compact_min_ml))
         ok &= cnt >= 2  # a single voxel is noise
@@ -595,7 +596,7 @@ def find_lesions_threshold(
         del labels, solid
 
     # 7. size filter (26-connectivity) on GGO ∪ consolidation; compact lesions are exempt
-    labels, n = ndi.label(ggo | cons, structure=_STRUCT26)
+    labels, n = label_components(ggo | cons, 26)
     n_kept = 0
     if n:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
