@@ -138,6 +138,30 @@ def _mediastinum(lung: np.ndarray) -> np.ndarray:
     return med & ~lung
 
 
+def _depth_from(med: np.ndarray, zs: np.ndarray, sp_yx: Sequence[float], max_mm: float) -> np.ndarray:
+    """(Z, Y, X) float32 in-plane distance (mm) to the nearest ``med`` pixel of the slice, exact up to ``max_mm``
+    on the slices ``zs`` (a bool mask); 0 elsewhere. Farther pixels hold some value > ``max_mm`` (``inf`` outside
+    the slice's ``med`` box grown by ``max_mm``: the Euclidean transform runs only on that box, which holds every
+    pixel within ``max_mm`` of ``med`` and ``med`` itself, so the distances there are those of the whole slice)."""
+    depth = np.zeros(med.shape, np.float32)
+    todo = np.flatnonzero(zs)
+    my = int(np.ceil(max_mm / float(sp_yx[0]))) + 1
+    mx = int(np.ceil(max_mm / float(sp_yx[1]))) + 1
+
+    def run(r: range) -> None:  # slices are independent: threads split them (the transform releases the GIL)
+        for z in todo[r.start:r.stop]:
+            m = med[z]
+            rows = np.flatnonzero(m.any(axis=1))
+            cols = np.flatnonzero(m.any(axis=0))
+            y0, y1 = max(int(rows[0]) - my, 0), min(int(rows[-1]) + my + 1, m.shape[0])
+            x0, x1 = max(int(cols[0]) - mx, 0), min(int(cols[-1]) + mx + 1, m.shape[1])
+            depth[z] = np.inf
+            depth[z, y0:y1, x0:x1] = ndi.distance_transform_edt(~m[y0:y1, x0:x1], sampling=sp_yx)
+
+    run_chunks(run, len(todo))
+    return depth
+
+
 def _erode_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
     """Binary erosion with a cylinder: the in-plane disk ``fp2d`` must fit in every slice z-k..z+k."""
     e = map_axis(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask) if fp2d.size > 1 else mask.copy()
@@ -511,11 +535,11 @@ def find_lesions_threshold(
             med = _mediastinum(lung)
             zl = np.flatnonzero(lung.any(axis=(1, 2)))
             if med.any() and zl.size:
-                near_med = np.zeros_like(cons)
-                depth = np.zeros(cons.shape, np.float32)
-                for z in np.flatnonzero(cons.any(axis=(1, 2)) & med.any(axis=(1, 2))):
-                    near_med[z] = ndi.binary_dilation(med[z], structure=_SQUARE3)
-                    depth[z] = ndi.distance_transform_edt(~med[z], sampling=sp[1:])
+                # (only `near_med & cons` is read: slices without consolidation may hold the dilation too)
+                near_med = map_axis(lambda a: ndi.maximum_filter(a, size=(1, 3, 3), mode="constant", cval=0),
+                                    med.view(np.uint8)).view(bool)
+                depth = _depth_from(med, cons.any(axis=(1, 2)) & med.any(axis=(1, 2)), sp[1:],
+                                    float(hilar_depth_mm))
                 no_med = ~med.any(axis=(1, 2))
                 depth[no_med] = np.inf
                 touch = np.bincount(labels[near_med & cons], minlength=n + 1) > 0
