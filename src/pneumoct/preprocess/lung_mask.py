@@ -94,18 +94,30 @@ def _block_mean(hu: np.ndarray, factor: int) -> np.ndarray:
         return hu.astype(np.float32)
     z, y, x = hu.shape
     py, px = (-y) % factor, (-x) % factor
-    arr = hu
-    if py or px:
-        arr = np.pad(hu, ((0, 0), (0, py), (0, px)), mode="edge")
-    # rows, then columns, summed straight into float32 (sums of <= 64 int16 values are exact there): twice as fast
-    # as an int32 accumulator converted afterwards, and several times faster than a float reshape-mean
-    rows = np.add(arr[:, 0::factor], arr[:, 1::factor], dtype=np.float32)
-    for dy in range(2, factor):
-        rows += arr[:, dy::factor]
-    out = np.add(rows[:, :, 0::factor], rows[:, :, 1::factor])
-    for dx in range(2, factor):
-        out += rows[:, :, dx::factor]
-    out /= np.float32(factor * factor)
+    out = np.empty((z, (y + py) // factor, (x + px) // factor), np.float32)
+
+    def run(r: range) -> None:
+        # slabs of slices (threads split them): the row sums stay a few MB instead of half a float32 volume, which
+        # a forked lung mask would fault in fresh
+        arr = hu[r.start:r.stop]
+        if py or px:
+            arr = np.pad(arr, ((0, 0), (0, py), (0, px)), mode="edge")
+        # rows, then columns, summed straight into float32 (sums of <= 64 int16 values are exact there): twice as
+        # fast as an int32 accumulator converted afterwards, and several times faster than a float reshape-mean
+        rows = np.add(arr[:, 0::factor], arr[:, 1::factor], dtype=np.float32)
+        for dy in range(2, factor):
+            rows += arr[:, dy::factor]
+        o = np.add(rows[:, :, 0::factor], rows[:, :, 1::factor])
+        for dx in range(2, factor):
+            o += rows[:, :, dx::factor]
+        o /= np.float32(factor * factor)
+        out[r.start:r.stop] = o
+
+    def slabs(r: range) -> None:
+        for z0 in range(r.start, r.stop, 8):
+            run(range(z0, min(z0 + 8, r.stop)))
+
+    run_chunks(slabs, z)
     return out
 
 
@@ -131,7 +143,7 @@ def _largest_component(mask: np.ndarray, connectivity: int) -> np.ndarray:
     lab, n = label_components(mask, connectivity)
     if n == 0:
         return mask.copy()
-    sizes = np.bincount(lab.ravel())
+    sizes = np.bincount(lab[mask != 0], minlength=n + 1)  # the mask's voxels only: no volume-sized int64 copy
     sizes[0] = 0
     return lab == int(np.argmax(sizes))
 
@@ -165,9 +177,13 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 def _open_square3_inplane(m: np.ndarray) -> np.ndarray:
     """In-plane binary opening by a 3x3 square (outside the array counts as background). The square is separable,
     so a minimum then a maximum filter give the same pixels as ``binary_opening`` in fewer passes."""
-    u = m.view(np.uint8)
-    eroded = ndi.minimum_filter(u, size=(1, 3, 3), mode="constant", cval=0)
+    eroded = _erode_square3_inplane(m).view(np.uint8)
     return ndi.maximum_filter(eroded, size=(1, 3, 3), mode="constant", cval=0).view(bool)
+
+
+def _erode_square3_inplane(m: np.ndarray) -> np.ndarray:
+    """In-plane binary erosion by a 3x3 square, outside the array counting as background (a separable minimum)."""
+    return ndi.minimum_filter(m.view(np.uint8), size=(1, 3, 3), mode="constant", cval=0).view(bool)
 
 
 def body_mask(work: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
@@ -405,21 +421,18 @@ def _erosion_split(main: np.ndarray, right_cols: np.ndarray, max_erosions: int, 
     Returns (right-lung part of ``main``, erosions) or None."""
     bb = _bbox(main)
     rc = np.broadcast_to(right_cols, main.shape)
-    # k in-plane erosions by a 3x3 square (outside the array counts as background) leave the voxels whose
-    # in-plane chessboard distance to background is > k: one distance transform instead of k erosions
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = True
-    depth = ndi.distance_transform_cdt(np.pad(main, ((0, 0), (1, 1), (1, 1))), metric=in_plane)[:, 1:-1, 1:-1]
+    # k in-plane erosions by a 3x3 square (outside the array counts as background), one more per step; the split
+    # is usually found within 1-3 of them (separable minimum filters on slabs: cheaper than a distance transform)
+    eroded = main
     for k in range(1, max_erosions + 1):
-        eroded = depth > k
+        eroded = map_axis(_erode_square3_inplane, eroded)
         if not eroded.any():
             return None
         elab, en = label_components(eroded, 6)
         if en < 2:
             continue
-        esizes = np.bincount(elab.ravel(), minlength=en + 1)
-        esizes[0] = 0
-        frac = np.bincount(elab[rc], minlength=en + 1) / np.maximum(esizes, 1)
+        esizes = np.bincount(elab[eroded], minlength=en + 1)  # the pieces' voxels only (label 0 is never read)
+        frac = np.bincount(elab[eroded & rc], minlength=en + 1) / np.maximum(esizes, 1)
         big = int(np.argmax(esizes))
         if cross_fraction < frac[big] < 1 - cross_fraction:
             continue  # the largest piece still spans the midline
@@ -434,7 +447,7 @@ def _erosion_split(main: np.ndarray, right_cols: np.ndarray, max_erosions: int, 
         if esizes[o] < need * esizes[big]:
             continue
         r, left_id = (big, o) if big_right else (o, big)
-        markers = np.zeros(main.shape, np.int32)
+        markers = np.zeros(main.shape, np.uint8)
         markers[elab == r] = 1
         markers[elab == left_id] = 2
         full = _assign_to_markers(main, markers, bb)
@@ -451,7 +464,7 @@ def _assign_to_markers(mask: np.ndarray, markers: np.ndarray, bb: tuple[slice, .
     or neither are split pixel-wise by the nearest seed in that slice (2D EDT), which is far cheaper than a
     3D nearest-seed transform and keeps the split line where the lungs actually meet.
     """
-    out = np.zeros(mask.shape, np.int32)
+    out = np.zeros(mask.shape, np.uint8)  # seed labels 1, 2
     # a slice without seeds uses the seeds of the nearest slice above that has some (none above: no seeds)
     has = markers.any(axis=(1, 2))
     source = np.maximum.accumulate(np.where(has, np.arange(mask.shape[0]), -1))
@@ -710,12 +723,14 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
     internal_air = np.zeros_like(air)
     kept = []
     if n:
-        flat = lab.ravel()
-        sizes = np.bincount(flat)
+        # counts and sums over the air voxels only (the same per-label order of summation as over the volume,
+        # without its int64 / float64 copies)
+        vox = lab[air]
+        sizes = np.bincount(vox, minlength=n + 1)
         big = np.flatnonzero(sizes * voxel_ml >= p.min_lung_ml)
         big = big[big > 0]  # thousands of air specks: only the few large components need their mean density
         if big.size:
-            sums = np.bincount(flat, weights=work.ravel())
+            sums = np.bincount(vox, weights=work[air], minlength=n + 1)
             mean_hu = sums[big] / sizes[big]
             # lungs are aerated tissue (about -900..-700 HU on average); bowel gas is close to pure air
             kept = [int(i) for i in big[mean_hu >= -975]]
@@ -723,6 +738,7 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
             keep = np.zeros(n + 1, bool)
             keep[kept] = True
             internal_air = keep[lab]
+    lab = vox = None  # a forked lung mask faults in every fresh page: keep only what later steps read
     info["air_components_kept"] = len(kept)
     if not internal_air.any():
         labels = np.zeros(hu.shape, np.uint8)
@@ -730,8 +746,10 @@ def segment_lungs(study: StudyVolume, params: LungMaskParams | None = None) -> L
         return LungMaskResult(labels, body, np.zeros(body.shape, bool), factor, info)
 
     airway, airway_info = find_airway(work, air, pixel_mm, slice_mm, p.airway_threshold_hu)
+    del air
     info["airway"] = airway_info
-    lung = internal_air.copy()
+    lung = internal_air
+    del internal_air
     box = _bbox(airway)
     if box is not None:  # the airway's in-plane rim only: dilate on its box (+1 px), not the whole volume
         box = (box[0], slice(max(box[1].start - 1, 0), box[1].stop + 1),
