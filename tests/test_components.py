@@ -48,3 +48,18 @@ def test_views_non_bool_and_degenerate_shapes():
 def test_bad_connectivity_is_refused():
     with pytest.raises(ValueError, match="connectivity 6"):
         components.label(np.ones((4, 4), bool), 6)
+
+
+def test_threshold_z_window_matches_scipy_filters():
+    """The threshold baseline's cylinder steps reduce along z by whole-slice operations: the same voxels as
+    minimum_filter1d / maximum_filter1d with a zero border (what they replaced)."""
+    from pneumoct.quantify.threshold_baseline import _z_window
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = rng.random((rng.integers(1, 9), rng.integers(1, 6), rng.integers(1, 6))) > rng.uniform(0.1, 0.9)
+        k = int(rng.integers(1, 5))
+        lo = ndi.minimum_filter1d(a.view(np.uint8), 2 * k + 1, axis=0, mode="constant", cval=0).view(bool)
+        hi = ndi.maximum_filter1d(a.view(np.uint8), 2 * k + 1, axis=0, mode="constant", cval=0).view(bool)
+        np.testing.assert_array_equal(_z_window(a, k, np.logical_and), lo)
+        np.testing.assert_array_equal(_z_window(a, k, np.logical_or), hi)

@@ -166,17 +166,29 @@ def _erode_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
     """Binary erosion with a cylinder: the in-plane disk ``fp2d`` must fit in every slice z-k..z+k."""
     e = map_axis(lambda m: ndi.binary_erosion(m, structure=fp2d[None]), mask) if fp2d.size > 1 else mask.copy()
     if k > 0 and e.any():
-        e = map_axis(lambda a: ndi.minimum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
-                     e.view(np.uint8), axis=1).view(bool)
+        e = map_axis(lambda a: _z_window(a, k, np.logical_and), e, axis=1)
     return e
+
+
+def _z_window(a: np.ndarray, k: int, op: np.ufunc) -> np.ndarray:
+    """Boolean (Z, ...) ``a`` reduced by ``op`` (logical and / or) over the slices z-k..z+k, slices beyond the ends
+    counting as False: ``minimum_filter1d`` / ``maximum_filter1d`` along z with a zero border, by whole-slice
+    operations instead of strided lines (several times faster)."""
+    out = a.copy()
+    for d in range(1, min(k, a.shape[0] - 1) + 1):
+        op(out[d:], a[:-d], out=out[d:])
+        op(out[:-d], a[d:], out=out[:-d])
+    if op is np.logical_and:  # the window of the first and last k slices reaches beyond the ends
+        out[:k] = False
+        out[max(a.shape[0] - k, 0):] = False
+    return out
 
 
 def _dilate_cyl(mask: np.ndarray, fp2d: np.ndarray, k: int) -> np.ndarray:
     """Binary dilation with a cylinder (in-plane disk ``fp2d``, slices z-k..z+k)."""
     d = _dilate_inplane(mask, fp2d) if fp2d.size > 1 else mask.copy()
     if k > 0 and d.any():
-        d = map_axis(lambda a: ndi.maximum_filter1d(a, 2 * k + 1, axis=0, mode="constant", cval=0),
-                     d.view(np.uint8), axis=1).view(bool)
+        d = map_axis(lambda a: _z_window(a, k, np.logical_or), d, axis=1)
     return d
 
 
