@@ -63,3 +63,49 @@ def test_threshold_z_window_matches_scipy_filters():
         hi = ndi.maximum_filter1d(a.view(np.uint8), 2 * k + 1, axis=0, mode="constant", cval=0).view(bool)
         np.testing.assert_array_equal(_z_window(a, k, np.logical_and), lo)
         np.testing.assert_array_equal(_z_window(a, k, np.logical_or), hi)
+
+
+def _classical_outputs(study):
+    from pneumoct.preprocess.lung_mask import segment_lungs
+    from pneumoct.quantify import find_lesions_threshold, quantify
+
+    lungs = segment_lungs(study)
+    finding = find_lesions_threshold(study.hu, lungs.labels, study.spacing)
+    q = quantify(finding.mask, lungs.labels, study.spacing, hu=study.hu)
+    return lungs, finding, q
+
+
+def _assert_same_outputs(study, monkeypatch):
+    """Lung mask (labels, body, airway, its record), threshold lesions and the quantification: the same with cc3d
+    as with SciPy labelling everything."""
+    fast = _classical_outputs(study)
+    monkeypatch.setattr(components, "_cc3d", None)
+    slow = _classical_outputs(study)
+    monkeypatch.undo()
+    for a, b in zip(fast[:2], slow[:2]):
+        np.testing.assert_array_equal(getattr(a, "labels", getattr(a, "mask", None)),
+                                      getattr(b, "labels", getattr(b, "mask", None)))
+    np.testing.assert_array_equal(fast[0].body_work, slow[0].body_work)
+    np.testing.assert_array_equal(fast[0].airway_work, slow[0].airway_work)
+    assert fast[0].info == slow[0].info and fast[1].params == slow[1].params
+    assert fast[2] == slow[2]
+    return fast
+
+
+def test_classical_path_same_with_scipy_labelling_on_a_phantom(monkeypatch):
+    from pneumoct.synth.phantom import PhantomConfig, generate_phantom
+
+    study = generate_phantom(PhantomConfig(label="cap", seed=12, matrix=192, n_slices=48)).study
+    lungs, finding, _ = _assert_same_outputs(study, monkeypatch)
+    assert lungs.labels.any() and finding.mask.any()  # the comparison is not between empty masks
+
+
+def test_classical_path_same_with_scipy_labelling_on_a_real_study(monkeypatch):
+    """REAL covid-P001: its lungs touch at a junction line, so the erosion split (labelled at every step) runs."""
+    from conftest import REAL_STUDIES, require_real_data
+
+    require_real_data()
+    from pneumoct.io import read_study
+
+    lungs, _, _ = _assert_same_outputs(read_study(REAL_STUDIES["covid19"]), monkeypatch)
+    assert lungs.info["split"].startswith("joined lungs split")
