@@ -103,3 +103,26 @@ def test_hilar_blob_reaching_lateral_is_dropped():
     assert np.mean(f.mask[blob] > 0) < 0.1
     assert f.params["consolidation_components_dropped"]["hilar"] >= 1
     assert np.mean(f.mask[les] > 0) > 0.8, "the peripheral consolidation is still found"
+
+
+def test_depth_from_the_mediastinum_on_its_box_equals_the_whole_slice_transform():
+    """The hilar rule's depth runs the Euclidean transform on the mediastinum's box grown by the depth it tests:
+    within that depth the same distances as on the whole slice; beyond it only "farther" is kept."""
+    from scipy import ndimage as ndi
+
+    from pneumoct.quantify.threshold_baseline import _depth_from
+
+    rng = np.random.default_rng(3)
+    med = np.zeros((6, 90, 110), bool)
+    med[1, 30:50, 50:58] = True
+    med[2, 10:14, 5:9] = True  # near the edge: the grown box is clipped
+    med[4] = rng.random((90, 110)) > 0.995
+    zs = np.array([True, True, True, False, True, True])  # 0 and 5: no mediastinum there
+    sp = (1.2, 0.9)
+    depth = _depth_from(med, zs, sp, 20.0)
+    for z in (1, 2, 4):
+        full = ndi.distance_transform_edt(~med[z], sampling=sp)
+        np.testing.assert_array_equal(depth[z] <= 20.0, full <= 20.0)
+        near = full <= 20.0
+        np.testing.assert_allclose(depth[z][near], full[near], rtol=1e-6)
+    assert np.isinf(depth[[0, 5]]).all() and (depth[3] == 0).all()

@@ -45,7 +45,6 @@ from .components import label as label_components
 log = logging.getLogger("pneumoct.preprocess.lung_mask")
 
 
-
 @dataclass
 class LungMaskParams:
     working_spacing_mm: float = 1.5  # in-plane pixel size of the working grid

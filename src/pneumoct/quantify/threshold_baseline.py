@@ -153,9 +153,11 @@ def _depth_from(med: np.ndarray, zs: np.ndarray, sp_yx: Sequence[float], max_mm:
             m = med[z]
             rows = np.flatnonzero(m.any(axis=1))
             cols = np.flatnonzero(m.any(axis=0))
+            depth[z] = np.inf
+            if rows.size == 0:  # no mediastinum in this slice: nothing is near it
+                continue
             y0, y1 = max(int(rows[0]) - my, 0), min(int(rows[-1]) + my + 1, m.shape[0])
             x0, x1 = max(int(cols[0]) - mx, 0), min(int(cols[-1]) + mx + 1, m.shape[1])
-            depth[z] = np.inf
             depth[z, y0:y1, x0:x1] = ndi.distance_transform_edt(~m[y0:y1, x0:x1], sampling=sp_yx)
 
     run_chunks(run, len(todo))
