@@ -108,8 +108,6 @@ def test_hilar_blob_reaching_lateral_is_dropped():
 def test_depth_from_the_mediastinum_on_its_box_equals_the_whole_slice_transform():
     """The hilar rule's depth runs the Euclidean transform on the mediastinum's box grown by the depth it tests:
     within that depth the same distances as on the whole slice; beyond it only "farther" is kept."""
-    from scipy import ndimage as ndi
-
     from pneumoct.quantify.threshold_baseline import _depth_from
 
     rng = np.random.default_rng(3)
